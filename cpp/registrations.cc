@@ -1,0 +1,31 @@
+// The package's one extension module: exposes every FFI handler registered by the op
+// folders (see common/registry.h) and the jaxlib version the handlers were built against.
+#include <nanobind/nanobind.h>
+
+#include "common/registry.h"
+
+namespace nb = nanobind;
+
+namespace jax_sparsek {
+std::vector<FfiTarget>& FfiTargets() {
+  static std::vector<FfiTarget> targets;
+  return targets;
+}
+}  // namespace jax_sparsek
+
+NB_MODULE(_jax_sparsek_ext, m) {
+  m.def("registrations", []() {
+    nb::list out;
+    for (const auto& t : jax_sparsek::FfiTargets()) {
+      out.append(nb::make_tuple(t.name, t.platform,
+                                nb::capsule(reinterpret_cast<void*>(t.handler))));
+    }
+    return out;
+  }, "[(target_name, platform, handler_capsule)] for every FFI handler in this build.");
+  m.attr("built_against_jaxlib") = JAXLIB_BUILD_VERSION;
+#ifdef JAX_SPARSEK_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
