@@ -1,0 +1,225 @@
+"""What a benchmark row computes, independent of who computes it.
+
+A `Target` is the function a row runs: the preset itself, or the dense stand-in that a dense
+peer runs for a sparse preset. From it come the keep-set as a boolean mask, the float32
+reference the relative errors are measured against, and the FLOP and byte counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_sparsek.testing import AttentionSpec
+
+# The float32 reference holds a few [rows, S] score blocks at once; it runs on a slice of the
+# problem (first batch elements, first kv-head groups) with at most this many score elements,
+# but never less than one (batch, kv-head group).
+REF_SCORE_BUDGET = 1 << 28
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The function a row computes. `hard_selection` (SparseK only): attention masked to the
+    window and the selected keys with 0/1 gates, which is what a mask-based peer can run;
+    otherwise the op itself (soft SparseK gates)."""
+
+    spec: AttentionSpec
+    hard_selection: bool = False
+
+
+def scale(spec: AttentionSpec) -> float:
+    return 1.0 / math.sqrt(spec.D)
+
+
+def scale_down(spec: AttentionSpec, factor: int) -> AttentionSpec:
+    """Shrinks a preset for a CPU run: batch, heads, length, window, k_select and block sizes
+    divided by `factor` (head dims kept, so the same kernel variants run)."""
+    if factor <= 1:
+        return spec
+    div = lambda x, lo: max(lo, x // factor)
+    K = div(spec.k, 1)
+    N = max(K, div(spec.N, 1) // K * K)  # keep N a multiple of K
+    kw = dict(B=div(spec.B, 1), T=div(spec.T, 16), N=N, K=None if spec.K is None else K)
+    if spec.S is not None:
+        kw["S"] = div(spec.S, 16)
+    if spec.window is not None:
+        kw["window"] = tuple(w if w < 0 else div(w, 0) for w in spec.window)
+    if spec.block_size is not None:
+        kw["block_size"] = tuple(div(b, 16) for b in spec.block_size)
+    if spec.k_select is not None:
+        kw["k_select"] = div(spec.k_select, 1)
+    if spec.sparsek_window is not None:
+        kw["sparsek_window"] = div(spec.sparsek_window, 1)
+    return spec.replace(**kw)
+
+
+def dense_targets(spec: AttentionSpec) -> list[tuple[str, Target]]:
+    """(name suffix, target) of the dense problems a dense peer runs for `spec`: the problem
+    itself for flash_attention; dense attention with the same causality for the sparse ops,
+    and for SparseK also the sliding window with as many keys per query as SparseK attends
+    (the same work, but contiguous)."""
+    if spec.op == "flash_attention":
+        return [("", Target(spec))]
+    dense = spec.replace(block_size=None, block_density=None, k_select=None, sparsek_window=None)
+    out = [("", Target(dense))]
+    if spec.op == "sparsek_attention":
+        w = int(spec.attended_keys())
+        window = (w - 1, 0) if spec.causal else ((w - 1) // 2, w // 2)
+        out.append((f"window={w}", Target(dense.replace(window=window))))
+    return out
+
+
+def selection_threshold(scores: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """theta [B, K, T]: the k_select-th largest candidate score of each query (-inf where a
+    query has at most k_select candidates). SparseK's selection of query i is then the
+    candidates j with scores[j] >= theta_i (ties, absent from random data, all kept)."""
+    B, S, K = scores.shape
+    k_sel, T = spec.k_select, spec.T
+    u = jnp.transpose(scores, (0, 2, 1)).reshape(B * K, S)
+    if not spec.causal or k_sel >= S:  # one candidate set (all keys) shared by every query
+        kth = jax.lax.top_k(u, k_sel)[0][:, -1] if k_sel < S else jnp.full((B * K,), -jnp.inf)
+        return jnp.broadcast_to(kth.reshape(B, K, 1), (B, K, T))
+
+    # Causal: the candidate set grows by one key per query. Scan the keys keeping the k_sel
+    # largest seen so far; kth[j] is the k_sel-th largest of keys 0..j (-inf until k_sel seen).
+    rows = jnp.arange(B * K)
+
+    def push(top, col):
+        low = jnp.argmin(top, axis=1)
+        top = top.at[rows, low].max(col)
+        return top, jnp.min(top, axis=1)
+
+    _, kth = jax.lax.scan(push, jnp.full((B * K, k_sel), -jnp.inf, u.dtype), u.T)
+    last_candidate = jnp.arange(T) + S - T - (spec.sparsek_window or 0)
+    theta = jnp.where(last_candidate[:, None] >= 0, kth[jnp.clip(last_candidate, 0)], -jnp.inf)
+    return theta.T.reshape(B, K, T)
+
+
+def keep_mask(target: Target, arrays: dict) -> jax.Array:
+    """Boolean [B or 1, N or 1, T, S]: which keys each query attends (soft SparseK gates are
+    not a mask: only for hard_selection)."""
+    spec = target.spec
+    T, S, N, K = spec.T, spec.s, spec.N, spec.k
+    pos = (jnp.arange(T) + S - T)[:, None]
+    key = jnp.arange(S)[None, :]
+    keep = jnp.ones((T, S), bool)
+
+    if spec.op == "sparsek_attention":
+        if not target.hard_selection:
+            raise ValueError("soft SparseK gates are not a 0/1 mask")
+        w = spec.sparsek_window or 0
+        theta = selection_threshold(arrays["scores"], spec)  # [B, K, T]
+        u = jnp.transpose(arrays["scores"], (0, 2, 1))[:, :, None, :]  # [B, K, 1, S]
+        if spec.causal:
+            window = (key <= pos) & (key > pos - w)
+            selected = (key <= pos - w) & (u >= theta[..., None])
+        else:
+            window = jnp.abs(pos - key) < w
+            selected = u >= theta[..., None]
+        return jnp.repeat(window | selected, N // K, axis=1)
+
+    if spec.causal:
+        keep &= key <= pos
+    if spec.window is not None:
+        left, right = spec.window
+        if left >= 0:
+            keep &= key >= pos - left
+        if right >= 0:
+            keep &= key <= pos + right
+    keep = keep[None, None]
+    if spec.op == "block_sparse_attention":
+        bq, bk = spec.block_size
+        blocks = arrays["block_mask"]
+        if blocks.shape[1] not in (1, N):  # one mask per kv head: shared by its query heads
+            blocks = jnp.repeat(blocks, N // K, axis=1)
+        blocks = jnp.repeat(jnp.repeat(blocks, bq, axis=2)[:, :, :T], bk, axis=3)[..., :S]
+        keep = keep & blocks
+    return keep
+
+
+def masked_attention_f32(q, k, v, keep, scale_: float):
+    """Dense float32 attention restricted to `keep`; a query that keeps no key returns 0."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("btnd,bsnd->bnts", q, k, precision=hi) * scale_
+    s = jnp.where(keep, s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    p = e / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("bnts,bsnd->btnd", p, v, precision=hi)
+
+
+def reference_slice(spec: AttentionSpec, budget: int = REF_SCORE_BUDGET) -> tuple[int, int]:
+    """(batch elements, kv heads) of the slice the float32 reference runs on."""
+    per_kv_head = (spec.N // spec.k) * spec.T * spec.s
+    kv_heads = int(np.clip(budget // per_kv_head, 1, spec.k))
+    batch = int(np.clip(budget // (per_kv_head * spec.k), 1, spec.B)) if kv_heads == spec.k else 1
+    return batch, kv_heads
+
+
+def slice_arrays(arrays: dict, spec: AttentionSpec, batch: int, kv_heads: int) -> dict:
+    """The first `batch` elements and `kv_heads` kv-head groups of inputs, outputs or
+    gradients, by name (o, do, q: query heads; k, v, scores: kv heads; block_mask: either)."""
+    q_heads = kv_heads * (spec.N // spec.k)
+    out = {}
+    for name, x in arrays.items():
+        if name == "block_mask":
+            heads = {spec.N: q_heads, spec.k: kv_heads}.get(x.shape[1], x.shape[1])
+            x = x[: batch if x.shape[0] > 1 else 1, :heads]
+        elif name == "scores":
+            x = x[:batch, :, :kv_heads]
+        else:
+            x = x[:batch, :, : (q_heads if name in ("q", "o", "do") else kv_heads)]
+        out[name] = x
+    return out
+
+
+def reference(target: Target, arrays: dict, do: Optional[jax.Array], grad_args: tuple[str, ...]):
+    """Float32 output (and the gradients of sum(o * do) w.r.t. grad_args when `do` is given)
+    of the target on (already sliced) inputs."""
+    spec = target.spec
+    soft_sparsek = spec.op == "sparsek_attention" and not target.hard_selection
+    names = ("q", "k", "v", "scores") if soft_sparsek else ("q", "k", "v")
+
+    def run(arrays, do):
+        if soft_sparsek:
+            from jax_sparsek import reference as ref  # the op's own definition: gates need tau_i
+
+            fn = lambda q, k, v, scores: ref.sparsek_attention(
+                q, k, v, scores, **spec.op_kwargs(), scale=scale(spec))
+        else:
+            keep = keep_mask(target, arrays)
+            fn = lambda q, k, v: masked_attention_f32(q, k, v, keep, scale(spec))
+        args = [arrays[n] for n in names]
+        if do is None:
+            return fn(*args), {}
+        o, vjp = jax.vjp(fn, *args)
+        return o, {n: g for n, g in zip(names, vjp(do)) if n in grad_args}
+
+    f32 = {n: x if n == "block_mask" else jnp.asarray(x, jnp.float32) for n, x in arrays.items()}
+    do = None if do is None else jnp.asarray(do, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        o, grads = jax.jit(run)(f32, do)
+    return np.asarray(o), {n: np.asarray(g) for n, g in grads.items()}
+
+
+def bytes_moved(spec: AttentionSpec, passes: str) -> float:
+    """q, k, v read and o written once (plus scores / block mask); fwd+bwd counts every array
+    three times (forward, backward read, gradient or do)."""
+    B, T, S, N, K = spec.B, spec.T, spec.s, spec.N, spec.k
+    size = jnp.dtype(spec.dtype).itemsize
+    total = size * (B * T * N * spec.D + B * S * K * (spec.D + spec.dv) + B * T * N * spec.dv)
+    if spec.op == "sparsek_attention":
+        total += 4 * B * S * K
+    if spec.op == "block_sparse_attention":
+        bq, bk = spec.block_size
+        total += B * N * math.ceil(T / bq) * math.ceil(S / bk)
+    return float(total) * (3 if passes == "fwd+bwd" else 1)

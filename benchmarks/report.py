@@ -1,0 +1,65 @@
+"""The end-of-run table and the JSON files under benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OURS = "jax_sparsek"
+
+
+def device_slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def _best_peer_ms(records: list[dict]) -> dict:
+    best = {}
+    for r in records:
+        if r["impl"] != OURS:
+            key = (r["preset"], r["pass"])
+            best[key] = min(best.get(key, float("inf")), r["ms"])
+    return best
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
+def table(records: list[dict]) -> str:
+    """ms, TF/s, us/head, GB/s, time over the best peer's (same preset and pass; every impl
+    but ours is a peer) and rel_err, one row per record."""
+    best = _best_peer_ms(records)
+    head = ("preset", "impl", "pass", "ms", "TF/s", "us/head", "GB/s", "t/best peer", "rel_err")
+    rows = []
+    for r in records:
+        peer = best.get((r["preset"], r["pass"]))
+        rows.append((
+            r["preset"], r["impl"], r["pass"], f"{r['ms']:.3f}", _num(r["tflops"]),
+            _num(r["us_per_head"]), _num(r["gbps"]),
+            f"{r['ms'] / peer:.2f}" if peer else "-",
+            f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "-",
+        ))
+    width = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(
+        str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, width)))
+    return "\n".join([line(head), line(["-" * w for w in width])] + [line(r) for r in rows])
+
+
+def save(records: list[dict], out_dir: Path = RESULTS) -> list[Path]:
+    """Writes <out_dir>/<device-slug>/<date>-<preset>.json per preset. Records already in a file
+    for another (impl, pass) are kept; the same (impl, pass) is replaced."""
+    paths = []
+    groups: dict[Path, list[dict]] = {}
+    for r in records:
+        path = Path(out_dir) / device_slug(r["device"]) / f"{r['date']}-{r['preset']}.json"
+        groups.setdefault(path, []).append(r)
+    for path, new in groups.items():
+        fresh = {(r["impl"], r["pass"]) for r in new}
+        old = json.loads(path.read_text()) if path.exists() else []
+        kept = [r for r in old if (r.get("impl"), r.get("pass")) not in fresh]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(kept + new, indent=1) + "\n")
+        paths.append(path)
+    return paths
