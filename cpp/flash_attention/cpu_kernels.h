@@ -245,16 +245,12 @@ void AttentionForward(const ForwardArgs<T>& a, const Mask& mask) {
           std::fill(p, p + kTileCols, 0.0f);
           continue;
         }
-        float tile_max = kNegInf;
-        for (int64_t c = lo; c < hi; ++c) tile_max = std::max(tile_max, p[c]);
-        const float new_max = std::max(row_max[r], tile_max);
+        const float new_max = std::max(row_max[r], RowMax(p + lo, hi - lo));
         // Rescale what earlier tiles accumulated against the old running max.
         const float correction = row_max[r] == kNegInf ? 0.0f : std::exp(row_max[r] - new_max);
-        ExpShiftedInPlace(p + lo, hi - lo, new_max);
+        const float tile_sum = ExpShiftedInPlace(p + lo, hi - lo, new_max);
         std::fill(p, p + lo, 0.0f);
         std::fill(p + hi, p + kTileCols, 0.0f);
-        float tile_sum = 0.0f;
-        for (int64_t c = lo; c < hi; ++c) tile_sum += p[c];
         row_sum[r] = row_sum[r] * correction + tile_sum;
         row_max[r] = new_max;
         if (correction != 1.0f) ScaleRow(acc.data() + r * Dvp, Dvp, correction);

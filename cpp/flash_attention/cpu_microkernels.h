@@ -15,9 +15,13 @@ constexpr int64_t kGemmCols = 16;
 void GemmTile(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
               int64_t ldb, float* C, int64_t ldc, bool accumulate);
 
-// x[i] = exp(x[i] - shift) for i < n, for arguments x[i] - shift <= ~0 (softmax numerators).
-// Polynomial exp, relative error below 2e-7; results under 2^-126 flush to zero.
-void ExpShiftedInPlace(float* x, int64_t n, float shift);
+// x[i] = exp(x[i] - shift) for i < n, for arguments x[i] - shift <= ~0 (softmax numerators);
+// returns the sum of the new x[i]. Polynomial exp, relative error below 2e-7; results under
+// 2^-126 flush to zero.
+float ExpShiftedInPlace(float* x, int64_t n, float shift);
+
+// max(x[0], ..., x[n-1]), -inf for n = 0.
+float RowMax(const float* x, int64_t n);
 
 // ds[i] = p[i] * (dp[i] - delta) for i < n (the softmax backward of one row).
 void SoftmaxGradRow(const float* p, const float* dp, float delta, float* ds, int64_t n);
