@@ -28,27 +28,38 @@ class AttentionKernel:
     bwd_target: str
     attrs: tuple[tuple[str, Any], ...]
 
-    def _call(self, target: str, results, operands, mask_index: Optional[int]):
-        call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
-        fn = lambda *ops: call(*ops, **dict(self.attrs))
+    def _call(self, target: str, result_types, operands, mask_index: Optional[int]):
+        """ffi_call of `target` on `operands`; `result_types(*operands)` gives the result
+        types from the operands the call actually gets (vmap folds into their batch axis)."""
+
+        def call(*ops):
+            fn = jax.ffi.ffi_call(target, result_types(*ops), vmap_method="sequential")
+            return fn(*ops, **dict(self.attrs))
+
         # A shared mask (size 1 on its batch axis) stays shared when vmap folds the batch.
-        folded = _ffi.fold_vmap(fn, broadcastable=() if mask_index is None else (mask_index,))
+        folded = _ffi.fold_vmap(call, broadcastable=() if mask_index is None else (mask_index,))
         return folded(*operands)
 
     def forward(self, q, k, v, mask):
         """(o [B, T, N, Dv] in q's dtype, lse [B, N, T] float32)."""
-        B, T, N, _ = q.shape
-        results = (_ffi.result_like(q, (B, T, N, v.shape[3])),
-                   _ffi.result_like(q, (B, N, T), jnp.float32))
+
+        def result_types(q, k, v, *_):
+            B, T, N, _ = q.shape
+            return (_ffi.result_like(q, (B, T, N, v.shape[3])),
+                    _ffi.result_like(q, (B, N, T), jnp.float32))
+
         operands = (q, k, v) if mask is None else (q, k, v, mask)
-        return self._call(self.fwd_target, results, operands, None if mask is None else 3)
+        return self._call(self.fwd_target, result_types, operands, None if mask is None else 3)
 
     def backward(self, q, k, v, mask, o, lse, do):
         """(dq, dk, dv) in the dtypes of q, k, v."""
-        results = (_ffi.result_like(q), _ffi.result_like(k), _ffi.result_like(v),
-                   _ffi.result_like(q, dtype=jnp.float32))  # dq_accum: a float32 workspace
+
+        def result_types(q, k, v, *_):
+            return (_ffi.result_like(q), _ffi.result_like(k), _ffi.result_like(v),
+                    _ffi.result_like(q, dtype=jnp.float32))  # dq_accum: a float32 workspace
+
         operands = (q, k, v, o, lse, do) if mask is None else (q, k, v, mask, o, lse, do)
-        dq, dk, dv, _ = self._call(self.bwd_target, results, operands,
+        dq, dk, dv, _ = self._call(self.bwd_target, result_types, operands,
                                    None if mask is None else 3)
         return dq, dk, dv
 
