@@ -16,5 +16,6 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size: tuple[int, int], 
     kernel = AttentionKernel(
         FWD_TARGET, BWD_TARGET,
         attrs=(("scale", np.float32(scale)), ("causal", bool(causal)),
-               ("block_q", np.int64(block_size[0])), ("block_k", np.int64(block_size[1]))))
+               ("block_q", np.int64(block_size[0])), ("block_k", np.int64(block_size[1]))),
+        name="block_sparse_attention")
     return attention(kernel, q, k, v, block_mask)

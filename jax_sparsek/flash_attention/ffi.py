@@ -15,5 +15,6 @@ def flash_attention(q, k, v, *, causal: bool, window: tuple[int, int], scale: fl
     kernel = AttentionKernel(
         FWD_TARGET, BWD_TARGET,
         attrs=(("scale", np.float32(scale)), ("causal", bool(causal)),
-               ("window_left", np.int64(window[0])), ("window_right", np.int64(window[1]))))
+               ("window_left", np.int64(window[0])), ("window_right", np.int64(window[1]))),
+        name="flash_attention")
     return attention(kernel, q, k, v, None)
