@@ -19,11 +19,13 @@ import jax.numpy as jnp
 from jax_sparsek import _ffi, _sharding
 
 
-# Dimension names of the sharding rule: batch "b", query heads "n", kv heads "k"; the
-# others never shard ("t"/"s" sequence, "d"/"e" head dims).
-_ATTENTION_DIMS = {
+# Dimension names of each FFI operand and result for the sharding rule: batch "b", query
+# heads "n", kv heads "k"; the others never shard ("t"/"s" sequence, "d"/"e" head dims).
+_DIMS = {
     "q": ("b", "t", "n", "d"), "k": ("b", "s", "k", "d"), "v": ("b", "s", "k", "e"),
     "o": ("b", "t", "n", "e"), "lse": ("b", "n", "t"), "do": ("b", "t", "n", "e"),
+    "dq": ("b", "t", "n", "d"), "dk": ("b", "s", "k", "d"), "dv": ("b", "s", "k", "e"),
+    "dq_accum": ("b", "t", "n", "d"),
 }
 
 
@@ -46,52 +48,52 @@ class AttentionKernel:
     attrs: tuple[tuple[str, Any], ...]
     name: str  # the public op, for sharding warnings
 
-    def _call(self, target: str, result_types, result_dims, operands, mask_index: Optional[int]):
-        """ffi_call of `target` on `operands`. `result_types(*operands)` gives the result types
-        from the operands the call actually gets (vmap folds into their batch axis, sharding
-        hands it one shard); `result_dims` names each result's dimensions for the sharding rule."""
+    def _call(self, target: str, operands: dict, result_types, results: tuple[str, ...]):
+        """ffi_call of `target` on `operands` ({name: array}, in the target's order).
+
+        `result_types(ops)` builds the result types from the operands the call actually gets:
+        vmap folds into their batch axis and sharding hands the call one shard."""
+        names = tuple(operands)
 
         def call(*ops):
-            fn = jax.ffi.ffi_call(target, result_types(*ops), vmap_method="sequential")
-            return fn(*ops, **dict(self.attrs))
+            ops = dict(zip(names, ops))
+            fn = jax.ffi.ffi_call(target, result_types(ops), vmap_method="sequential")
+            return fn(*ops.values(), **dict(self.attrs))
 
         def partitioned_call(*ops):
-            q, k = ops[0], ops[1]
-            sizes = {"b": q.shape[0], "n": q.shape[2], "k": k.shape[2]}
-            dims = [_ATTENTION_DIMS[name] for name in ("q", "k", "v")]
-            if mask_index is not None:
-                dims.append(_mask_dims(ops[mask_index].shape, sizes))
-            dims += [_ATTENTION_DIMS[name] for name in ("o", "lse", "do")][:len(ops) - len(dims)]
-            return _sharding.partitioned(call, dims, result_dims, sizes=sizes, name=self.name)(*ops)
+            ops = dict(zip(names, ops))
+            sizes = {"b": ops["q"].shape[0], "n": ops["q"].shape[2], "k": ops["k"].shape[2]}
+            dims = [_mask_dims(x.shape, sizes) if n == "mask" else _DIMS[n] for n, x in ops.items()]
+            return _sharding.partitioned(call, dims, [_DIMS[n] for n in results], sizes=sizes,
+                                         name=self.name)(*ops.values())
 
         # A shared mask (size 1 on its batch axis) stays shared when vmap folds the batch.
-        folded = _ffi.fold_vmap(partitioned_call,
-                                broadcastable=() if mask_index is None else (mask_index,))
-        return folded(*operands)
+        broadcastable = (names.index("mask"),) if "mask" in names else ()
+        return _ffi.fold_vmap(partitioned_call, broadcastable=broadcastable)(*operands.values())
 
     def forward(self, q, k, v, mask):
         """(o [B, T, N, Dv] in q's dtype, lse [B, N, T] float32)."""
 
-        def result_types(q, k, v, *_):
-            B, T, N, _ = q.shape
-            return (_ffi.result_like(q, (B, T, N, v.shape[3])),
-                    _ffi.result_like(q, (B, N, T), jnp.float32))
+        def result_types(ops):
+            B, T, N, _ = ops["q"].shape
+            return (_ffi.result_like(ops["q"], (B, T, N, ops["v"].shape[3])),
+                    _ffi.result_like(ops["q"], (B, N, T), jnp.float32))
 
-        operands = (q, k, v) if mask is None else (q, k, v, mask)
-        return self._call(self.fwd_target, result_types, [_ATTENTION_DIMS["o"], _ATTENTION_DIMS["lse"]],
-                          operands, None if mask is None else 3)
+        operands = dict(q=q, k=k, v=v) if mask is None else dict(q=q, k=k, v=v, mask=mask)
+        return self._call(self.fwd_target, operands, result_types, ("o", "lse"))
 
     def backward(self, q, k, v, mask, o, lse, do):
         """(dq, dk, dv) in the dtypes of q, k, v."""
 
-        def result_types(q, k, v, *_):
-            return (_ffi.result_like(q), _ffi.result_like(k), _ffi.result_like(v),
-                    _ffi.result_like(q, dtype=jnp.float32))  # dq_accum: a float32 workspace
+        def result_types(ops):
+            return (_ffi.result_like(ops["q"]), _ffi.result_like(ops["k"]),
+                    _ffi.result_like(ops["v"]),
+                    _ffi.result_like(ops["q"], dtype=jnp.float32))  # dq_accum: float32 workspace
 
-        operands = (q, k, v, o, lse, do) if mask is None else (q, k, v, mask, o, lse, do)
-        result_dims = [_ATTENTION_DIMS[name] for name in ("q", "k", "v", "q")]
-        dq, dk, dv, _ = self._call(self.bwd_target, result_types, result_dims, operands,
-                                   None if mask is None else 3)
+        operands = dict(q=q, k=k, v=v) if mask is None else dict(q=q, k=k, v=v, mask=mask)
+        operands.update(o=o, lse=lse, do=do)
+        dq, dk, dv, _ = self._call(self.bwd_target, operands, result_types,
+                                   ("dq", "dk", "dv", "dq_accum"))
         return dq, dk, dv
 
 

@@ -165,7 +165,7 @@ void StoreRows(const float* src, int64_t ld, int64_t rows, int64_t cols, T* dst,
     for (int64_t c = 0; c < cols; ++c) dst[r * stride + c] = FromFloat<T>(src[r * ld + c]);
 }
 
-// dst[c][r] = src[r][c] for r < rows, c < cols (both tiles kTileCols wide).
+// dst[c][r] = src[r][c] for r < rows, c < cols (src rows kTileCols wide, dst rows kTileRows).
 inline void TransposeTile(const float* src, int64_t rows, int64_t cols, float* dst) {
   for (int64_t c = 0; c < cols; ++c)
     for (int64_t r = 0; r < rows; ++r) dst[c * kTileRows + r] = src[r * kTileCols + c];

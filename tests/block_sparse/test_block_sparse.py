@@ -256,3 +256,16 @@ def test_bad_arrays_raise(mutate, exc, match):
     q, k, v, m = _args()
     with pytest.raises(exc, match=match):
         block_sparse_attention(*mutate(q, k, v), m, block_size=(8, 16))
+
+
+def test_handler_rejects_bad_mask():
+    q, k, v, m = _args()
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((2, 4, 20), jnp.float32))
+    attrs = dict(scale=np.float32(0.25), causal=False, block_q=np.int64(8), block_k=np.int64(16))
+    call = jax.ffi.ffi_call(FWD_TARGET, out)
+    with pytest.raises(Exception, match="block_mask must have shape"):
+        call(q, k, v, m[:, :, :2], **attrs)
+    with pytest.raises(Exception, match="block_mask must be bool"):
+        call(q, k, v, m.astype(jnp.int8), **attrs)
+    with pytest.raises(Exception, match="block_q and block_k must be positive"):
+        call(q, k, v, m, **{**attrs, "block_q": np.int64(0)})

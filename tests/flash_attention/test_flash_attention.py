@@ -286,3 +286,22 @@ def test_bad_options_raise(kw, exc, name):
     if "implementation" not in kw:
         with pytest.raises(exc, match=name):
             reference.flash_attention(*_inputs(), **kw)
+
+
+def test_handler_rejects_bad_operands():
+    # Called directly, the FFI handlers check shapes and dtypes themselves and fail the call
+    # with a message (they never crash the process).
+    q, k, v = _inputs()
+    out = (jax.ShapeDtypeStruct((1, 8, 4, 16), jnp.float32), jax.ShapeDtypeStruct((1, 4, 8), jnp.float32))
+    attrs = dict(scale=np.float32(0.25), causal=False, window_left=np.int64(-1),
+                 window_right=np.int64(-1))
+    call = jax.ffi.ffi_call(FWD_TARGET, out)
+    with pytest.raises(Exception, match="k must have shape"):
+        call(q, k[..., :8], v, **attrs)
+    with pytest.raises(Exception, match="v must be float32"):
+        call(q, k, v.astype(jnp.float16), **attrs)
+    with pytest.raises(Exception, match="window_left"):
+        call(q, k, v, **{**attrs, "window_left": np.int64(-3)})
+    bad_lse = (out[0], jax.ShapeDtypeStruct((1, 8, 4), jnp.float32))
+    with pytest.raises(Exception, match="lse must have shape"):
+        jax.ffi.ffi_call(FWD_TARGET, bad_lse)(q, k, v, **attrs)
