@@ -1,12 +1,46 @@
-"""Benchmark harness: `python -m benchmarks --help`.
+"""Benchmark harness of jax-sparsek: `python -m benchmarks --help`.
 
-Times jax_sparsek's ops and their peers (jax.nn's XLA and cuDNN attention, Pallas Mosaic-GPU
-attention, torch SDPA and FlexAttention when torch with CUDA is importable) on the presets of
-`jax_sparsek.testing.PRESETS` or custom shapes, following /work/shared/BENCHMARKS.md:
+    PYTHONPATH=. python -m benchmarks                         # every preset, fwd and fwd+bwd
+    PYTHONPATH=. python -m benchmarks --preset seed003 sparsek-seed003 --passes fwd
+    PYTHONPATH=. python -m benchmarks --preset seed000 --scale-down 16   # CPU-sized
+    PYTHONPATH=. python -m benchmarks --T 8192 --N 32 --K 8 --D 128 --dtype bf16 --causal
+    PYTHONPATH=. python -m benchmarks --preset long32k --impl jax_sparsek 'jax.nn[cudnn]'
 
-- problems.py  what a row computes (dense stand-ins, keep-set masks, float32 references, bytes)
-- peers.py     the implementations, each guarded: unavailable or failing ones are skipped
-- timing.py    median wall-clock time of asynchronous device calls
-- runner.py    the timing loop and the JSON records
-- report.py    the table and the files under benchmarks/results/<device>/<date>-<preset>.json
+Protocol (/work/shared/BENCHMARKS.md): every implementation runs on the same fresh random
+normal inputs, jit-compiled; after compilation and two warm-up calls, each of `--iters` samples
+times back-to-back calls lasting at least 10 ms with one synchronisation at the end, and the
+row reports the median. fwd+bwd times the gradient of sum(o * do) w.r.t. q, k, v (and scores
+for SparseK) with a fixed random `do`.
+
+Implementations (`impl` of the records):
+- `jax_sparsek`: our op with implementation="ffi" (the compiled kernels; never the reference
+  under this name). `jax_sparsek[xla]`: our pure-JAX reference (`jax_sparsek.reference`).
+- `jax.nn[xla]`, `jax.nn[cudnn]`: jax.nn.dot_product_attention. `pallas.attention_mgpu`:
+  jax's Mosaic-GPU attention, forward only, fastest of block_kv 64/128/256, q pre-scaled;
+  its kernel only has float16 buffers, so bfloat16 problems run it in float16.
+- `torch.sdpa[cudnn]`, `torch.sdpa[flash]`, `torch.flex` when torch sees a CUDA device.
+Dense peers of a sparse preset run a dense stand-in and their records describe that problem
+(op flash_attention, its causal/window, its FLOPs): dense attention with the same causality
+and, for SparseK, `jax.nn[cudnn,window=W]` with W = window + k_select keys per query (the same
+work, contiguous). `torch.flex` runs the exact keep-set: the block mask, or for SparseK the
+window plus the keys the SparseK selection picks (0/1 gates: Flex cannot weigh keys), built
+outside the timing from one threshold per query. XLA-based rows are skipped when their
+[B, N, T, S] float32 scores would not fit in memory; each skipped or failing implementation
+prints one line and records nothing.
+
+Columns: TF/s from AttentionSpec.flops (fwd+bwd = 3.5x fwd), us/head = ms * 1000 / N,
+GB/s from q, k, v read and o written once (+ scores / block mask; fwd+bwd counts 3x),
+t/best peer = ms over the fastest non-`jax_sparsek` row of the same preset and pass.
+rel_err = |x - ref| / |ref| (fwd: o; fwd+bwd: the worst gradient) against a float32
+reference of what the row computes (jax_sparsek's reference for SparseK's soft gates, dense
+masked attention otherwise), computed on a slice for large problems: the first batch
+elements and kv-head groups with at most 2^28 score elements, never less than one batch
+element and one kv-head group (batch elements and head groups are independent, so the
+slice's outputs and gradients are exact slices of the full ones).
+
+Records go to benchmarks/results/<device-slug>/<date>-<preset>.json, one file per preset;
+a later run of the same day replaces the rows of the (impl, pass) it measured.
+
+Modules: problems.py (what a row computes: stand-ins, keep-set masks, references, bytes),
+peers.py (the implementations), timing.py, runner.py (timing loop, records), report.py.
 """

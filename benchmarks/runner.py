@@ -4,6 +4,7 @@ BENCHMARKS.md's records."""
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def environment() -> dict:
-    """The fields every record shares: device, jax version, UTC date, commit."""
+    """The fields every record shares: device, jax version, UTC date, commit (from git, or
+    $BENCHMARK_COMMIT for a copy of the tree without its .git)."""
     try:
         git = lambda *a: subprocess.run(("git", "-C", str(REPO)) + a, capture_output=True,
                                         text=True, timeout=10)
@@ -35,6 +37,7 @@ def environment() -> dict:
             commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = None
+    commit = os.environ.get("BENCHMARK_COMMIT") or commit
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
             "commit": commit}
@@ -184,7 +187,7 @@ def run(problem_specs: dict[str, AttentionSpec], passes: Iterable[str] = PASSES,
                 said.add(msg)
                 write(msg if msg.startswith("skip") else f"{name}: {msg}")
 
-        impls = [i for i in peers.build(spec, arrays, passes, log) if only is None or i.name in only]
+        impls = peers.build(spec, arrays, passes, log, only)
         jobs = [(i, p) for i in impls for p in passes if p == "fwd" or i.grad_args is not None]
         bar, write = _progress(len(jobs), name)
         refs = _References(spec, arrays, do, ref_budget, log)

@@ -7,10 +7,9 @@ import statistics
 import time
 from typing import Any, Callable
 
-# Calls shorter than this are timed in back-to-back batches lasting about BATCH_S, so that
-# the host round trip of one synchronisation does not dominate the sample.
-SHORT_CALL_S = 2e-4
-BATCH_S = 1e-3
+# Each sample times back-to-back calls lasting at least SAMPLE_S, so that the host round trip
+# of its one synchronisation (tens of microseconds) stays small against it.
+SAMPLE_S = 10e-3
 
 
 def median_ms(call: Callable[[], Any], sync: Callable[[Any], Any], iters: int,
@@ -24,7 +23,7 @@ def median_ms(call: Callable[[], Any], sync: Callable[[Any], Any], iters: int,
     out = call()
     sync(out)
     single = time.perf_counter() - start
-    per_sample = 1 if single >= SHORT_CALL_S else math.ceil(BATCH_S / max(single, 1e-6))
+    per_sample = max(1, math.ceil(SAMPLE_S / max(single, 1e-6)))
     samples = []
     for _ in range(iters):
         start = time.perf_counter()

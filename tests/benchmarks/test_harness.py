@@ -41,7 +41,7 @@ def test_cli_run_writes_records(tmp_path, capsys):
     _check_records(records, 1e-4)
     assert {r["pass"] for r in records} == {"fwd", "fwd+bwd"}
     assert {r["preset"] for r in records} == {"seed000-dtypefp32-div16"}
-    assert "jax.nn[xla]" in {r["impl"] for r in records}
+    assert {"jax_sparsek", "jax_sparsek[xla]", "jax.nn[xla]"} <= {r["impl"] for r in records}
     (path,) = tmp_path.glob("*/*.json")
     assert path.name == f"{records[0]['date']}-seed000-dtypefp32-div16.json"
     assert json.loads(path.read_text()) == records
@@ -56,17 +56,20 @@ def test_cli_run_writes_records(tmp_path, capsys):
     assert [r for r in saved if r["pass"] == "fwd"] == again
 
 
-def test_sparsek_preset_rows():
-    spec = problems.scale_down(cli.PRESETS["sparsek-seed003"], 64).replace(dtype="float32")
-    records = runner.run({"tiny-sparsek": spec}, passes=("fwd",), iters=2)
+def test_sparse_preset_rows():
+    sparsek = problems.scale_down(cli.PRESETS["sparsek-seed003"], 64).replace(dtype="float32")
+    blocks = problems.scale_down(cli.PRESETS["blocksparse80"], 32).replace(dtype="float32")
+    records = runner.run({"tiny-sparsek": sparsek, "tiny-blocks": blocks}, passes=("fwd",), iters=2)
     _check_records(records, 1e-4)
-    rows = {r["impl"]: r for r in records}
-    # The dense peer reports the dense problem it ran; the reference reports SparseK.
-    assert rows["jax.nn[xla]"]["op"] == "flash_attention"
-    assert rows["jax.nn[xla]"]["k_select"] is None
-    if "jax_sparsek[xla]" in rows:
-        assert rows["jax_sparsek[xla]"]["op"] == "sparsek_attention"
-        assert rows["jax_sparsek[xla]"]["window"] == spec.sparsek_window
+    rows = {(r["preset"], r["impl"]): r for r in records}
+    assert {"jax_sparsek", "jax_sparsek[xla]", "jax.nn[xla]"} == {i for _, i in rows}
+    # A dense peer reports the dense problem it ran; ours reports the preset's op.
+    dense = rows["tiny-sparsek", "jax.nn[xla]"]
+    assert dense["op"] == "flash_attention" and dense["k_select"] is None and dense["causal"]
+    ours = rows["tiny-sparsek", "jax_sparsek"]
+    assert ours["op"] == "sparsek_attention" and ours["window"] == sparsek.sparsek_window
+    assert rows["tiny-blocks", "jax_sparsek"]["op"] == "block_sparse_attention"
+    assert rows["tiny-blocks", "jax.nn[xla]"]["op"] == "flash_attention"
 
 
 def test_problem_specs_from_flags():
