@@ -131,6 +131,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   if (cur.hh < p.group) mbar_wait(bar_kv, 0);
   const int key_a = c0 + warp * 16 + g;  // this thread's keys: key_a, key_a + 8
+  const Interval key_queries[2] = {key_rows(p.mask, key_a), key_rows(p.mask, key_a + 8)};
 
   for (int it = 0; cur.hh < p.group; ++it) {
     const int stage = it & 1;
@@ -161,19 +162,43 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // P^T = exp2(S^T * scale * log2e - lse2), dS^T = P^T (dP^T - delta).
+    // P^T = exp2(S^T * scale * log2e - lse2), zero where the query does not see the key
+    // (partial tiles: two compares per element, block-mask lookups only for tiles that
+    // straddle mask blocks); dS^T = P^T (dP^T - delta).
     const float* lse2 = lse_s + stage * kBM;
     const float* dlt = delta_s + stage * kBM;
 #pragma unroll
     for (int nb = 0; nb < kBM / 8; ++nb) {
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
-        const int qi = nb * 8 + 2 * t4 + (v & 1);
-        float pv = fast_exp2(st[nb][v] * p.scale_log2 - lse2[qi]);
-        if (partial && !visible(p.mask, mask, q0 + qi, key_a + 8 * (v >> 1))) pv = 0.f;
-        st[nb][v] = pv;
-        dpt[nb][v] = pv * (dpt[nb][v] - dlt[qi]);
+        st[nb][v] = fast_exp2(st[nb][v] * p.scale_log2 - lse2[nb * 8 + 2 * t4 + (v & 1)]);
       }
+    }
+    if (partial) {
+#pragma unroll
+      for (int nb = 0; nb < kBM / 8; ++nb) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int i = q0 + nb * 8 + 2 * t4 + (v & 1);
+          const Interval& r = key_queries[v >> 1];
+          st[nb][v] = (i >= r.lo && i <= r.hi) ? st[nb][v] : 0.f;
+        }
+      }
+      if (mask) {
+#pragma unroll
+        for (int nb = 0; nb < kBM / 8; ++nb) {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {
+            const int i = q0 + nb * 8 + 2 * t4 + (v & 1), j = key_a + 8 * (v >> 1);
+            if (st[nb][v] != 0.f && !block_on(p.mask, mask, i, j)) st[nb][v] = 0.f;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < kBM / 8; ++nb) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) dpt[nb][v] = st[nb][v] * (dpt[nb][v] - dlt[nb * 8 + 2 * t4 + (v & 1)]);
     }
 
     // 16-bit A fragments of P^T and dS^T (16 keys x 16 queries per k-step); the fp32 scores die.

@@ -23,6 +23,51 @@ inline FwdKernelParams MakeFwdKernelParams(const FwdArgs& a) {
   return {a.mask, a.dims.N, a.dims.group(), a.scale * 1.4426950408889634f, a.o, a.lse};
 }
 
+// Masking state of a thread's two query rows (row_a and row_a + 8) for partial tiles: each
+// row's visible key interval, computed once per query tile, and the block mask if any.
+struct RowMasks {
+  const uint8_t* mask;  // MaskSpec::mask_for(b, h), null for dense masks
+  Interval keys[2];
+  int row_a;
+  int T, S, bq, bk, cols;  // copied from the MaskSpec (no pointer into kernel parameters)
+
+  __device__ __forceinline__ RowMasks(const MaskSpec& m, const uint8_t* mk, int row)
+      : mask(mk), keys{row_keys(m, row), row_keys(m, row + 8)}, row_a(row), T(m.T), S(m.S),
+        bq(m.bq), bk(m.bk), cols(m.cols) {}
+};
+
+// Sets to -inf the scores s[j][v] (row row_a + 8 * (v / 2), key col0 + 8 * j + (v % 2)) that
+// the row does not see: two compares per element, plus a block-mask lookup when the tile
+// straddles mask blocks (block sizes that are not multiples of the tile).
+template <int NB>
+__device__ __forceinline__ void mask_tile(float (&s)[NB][4], const RowMasks& rm, int col0) {
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int col = col0 + 8 * j + (v & 1);
+      const Interval& r = rm.keys[v >> 1];
+      s[j][v] = (col >= r.lo && col <= r.hi) ? s[j][v] : -INFINITY;
+    }
+  }
+  if (rm.mask) {
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int i = rm.row_a + 8 * ri;
+      if (i >= rm.T) continue;
+      const uint8_t* mask_row = rm.mask + int64_t(i / rm.bq) * rm.cols;
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = col0 + 8 * j + e;
+          if (col < rm.S && !mask_row[col / rm.bk]) s[j][2 * ri + e] = -INFINITY;
+        }
+      }
+    }
+  }
+}
+
 // One online-softmax step: scales (and, for partial tiles, masks) the scores s[j][v] of row
 // row_a + 8 * (v / 2), key col0 + 8 * j + (v % 2); replaces them by exp2(s - m_new); returns
 // alpha = exp2(m_old - m_new) per row for rescaling O. l_run stays a per-thread partial sum
@@ -31,23 +76,14 @@ inline FwdKernelParams MakeFwdKernelParams(const FwdArgs& a) {
 template <int NB>
 __device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)[2],
                                                float (&l_run)[2], float (&alpha)[2],
-                                               const FwdKernelParams& p, const uint8_t* mask,
-                                               bool partial, int row_a, int col0) {
-  const float sl2 = p.scale_log2;
+                                               float scale_log2, bool partial, const RowMasks& rm,
+                                               int col0) {
 #pragma unroll
   for (int j = 0; j < NB; ++j) {
 #pragma unroll
-    for (int v = 0; v < 4; ++v) s[j][v] *= sl2;
+    for (int v = 0; v < 4; ++v) s[j][v] *= scale_log2;
   }
-  if (partial) {
-#pragma unroll
-    for (int j = 0; j < NB; ++j) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        if (!visible(p.mask, mask, row_a + 8 * (v >> 1), col0 + 8 * j + (v & 1))) s[j][v] = -INFINITY;
-      }
-    }
-  }
+  if (partial) mask_tile(s, rm, col0);
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     float mx = -INFINITY;

@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
   float o_acc[D / 8][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const int row_a = r0 + warp * 16 + g;  // this thread's rows: row_a and row_a + 8
+  const RowMasks row_masks(p.mask, mask, row_a);
   uint32_t qf[D / 16][4];
   if (n_cur < range.end) {
     mbar_wait(bar_q, 0);
@@ -98,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
     const int c0 = n_cur * kBN;
     const bool partial = tile_status(p.mask, mask, r0, kBM, c0, kBN) == kTilePartial;
     float alpha[2];
-    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p, mask, partial, row_a, c0 + 2 * t4);
+    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, partial, row_masks, c0 + 2 * t4);
 #pragma unroll
     for (int nb = 0; nb < D / 8; ++nb) {
       o_acc[nb][0] *= alpha[0];

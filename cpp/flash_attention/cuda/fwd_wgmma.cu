@@ -167,6 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   int n = next_key_tile(p.mask, mask, r0, kBM, kBN, range.first, range.end);
   if (n < range.end) {
+    const RowMasks row_masks(p.mask, mask, row_a);
     if (pingpong && c == 1) named_bar_arrive(kBarTurn, 256);  // consumer 0 goes first
     mbar_wait(bar_q, 0);
 
@@ -178,9 +179,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(reinterpret_cast<float(&)[kBN / 2]>(s));
     mbar_arrive(k_empty);
-    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p, mask,
+    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2,
                             tile_status(p.mask, mask, r0, kBM, n * kBN, kBN) == kTilePartial,
-                            row_a, n * kBN + 2 * t4);
+                            row_masks, n * kBN + 2 * t4);
     convert_p<kBf16>(s, pf);
 
     int it = 1;
@@ -198,9 +199,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();  // S_i is done; P_{i-1} V_{i-1} may still run
       fence_regs(reinterpret_cast<float(&)[kBN / 2]>(s));
       mbar_arrive(k_empty + 8 * stage);
-      softmax_update<kBN / 8>(s, m_run, l_run, alpha, p, mask,
+      softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2,
                               tile_status(p.mask, mask, r0, kBM, n * kBN, kBN) == kTilePartial,
-                              row_a, n * kBN + 2 * t4);
+                              row_masks, n * kBN + 2 * t4);
       wgmma_wait<0>();
       fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
       fence_regs(reinterpret_cast<uint32_t(&)[kBN / 4]>(pf));

@@ -5,6 +5,13 @@
 
 #include <cstdint>
 
+// Plain C++ can include this header too (masking_test.cc checks it against brute force).
+#ifdef __CUDACC__
+#define JSK_HD __host__ __device__ __forceinline__
+#else
+#define JSK_HD inline
+#endif
+
 namespace jax_sparsek::cuda {
 
 // Query row i sits at position p_i = i + S - T; key j is visible iff
@@ -21,31 +28,31 @@ struct MaskSpec {
   int64_t head_stride = 0;   // 0 when the mask is shared by the heads
   int head_div = 1;          // query head h reads mask head h / head_div
 
-  __host__ __device__ const uint8_t* mask_for(int b, int h) const {
+  JSK_HD const uint8_t* mask_for(int b, int h) const {
     return block_mask ? block_mask + b * batch_stride + (h / head_div) * head_stride : nullptr;
   }
 
   // Largest key any of the rows [r0, r1) may see, ignoring the block mask (may be < 0).
-  __host__ __device__ int key_hi(int r_last) const {
+  JSK_HD int key_hi(int r_last) const {
     int hi = S - 1;
     const int p = r_last + S - T;
     if (causal && p < hi) hi = p;
     if (right >= 0 && p + right < hi) hi = p + right;
     return hi;
   }
-  __host__ __device__ int key_lo(int r_first) const {
+  JSK_HD int key_lo(int r_first) const {
     const int lo = left >= 0 ? r_first + S - T - left : 0;
     return lo > 0 ? lo : 0;
   }
   // Query rows that may see a key in [c0, c1): [row_lo(c0), row_hi(c1)].
-  __host__ __device__ int row_lo(int c0) const {
+  JSK_HD int row_lo(int c0) const {
     if (!causal && right < 0) return 0;
     // The row's last key is p_i + reach: reach = 0 when causal, else the right bound.
     const int reach = causal ? 0 : right;
     const int r = c0 - reach - (S - T);
     return r > 0 ? r : 0;
   }
-  __host__ __device__ int row_hi(int c1) const {
+  JSK_HD int row_hi(int c1) const {
     if (left < 0) return T - 1;
     const int r = c1 - 1 + left - (S - T);
     return r < T - 1 ? r : T - 1;
@@ -54,11 +61,11 @@ struct MaskSpec {
 
 enum TileStatus : int { kTileOff = 0, kTileFull = 1, kTilePartial = 2 };
 
-__host__ __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+JSK_HD int imin(int a, int b) { return a < b ? a : b; }
 
 // Status of the tile rows [r0, r0 + bm) x keys [c0, c0 + bn) for one (batch, head);
 // `mask` is MaskSpec::mask_for(b, h). Rows past T never count (they are not stored).
-__host__ __device__ __forceinline__ int tile_status(const MaskSpec& m, const uint8_t* mask, int r0, int bm,
+JSK_HD int tile_status(const MaskSpec& m, const uint8_t* mask, int r0, int bm,
                                            int c0, int bn) {
   const int r1 = imin(r0 + bm, m.T);  // exclusive
   const int c1 = imin(c0 + bn, m.S);
@@ -84,8 +91,27 @@ __host__ __device__ __forceinline__ int tile_status(const MaskSpec& m, const uin
   return full ? kTileFull : kTilePartial;
 }
 
+// Keys [lo, hi] that query row i sees before the block mask (none when hi < lo). Lets the
+// kernels mask a partial tile with two compares per element.
+struct Interval {
+  int lo, hi;
+};
+JSK_HD Interval row_keys(const MaskSpec& m, int i) {
+  if (i >= m.T) return {0, -1};
+  return {m.key_lo(i), m.key_hi(i)};
+}
+// Queries [lo, hi] that see key j before the block mask (none when hi < lo).
+JSK_HD Interval key_rows(const MaskSpec& m, int j) {
+  if (j >= m.S) return {0, -1};
+  return {m.row_lo(j), m.row_hi(j + 1)};
+}
+// The block-mask bit of (i, j); i < T and j < S.
+JSK_HD bool block_on(const MaskSpec& m, const uint8_t* mask, int i, int j) {
+  return mask[int64_t(i / m.bq) * m.cols + j / m.bk] != 0;
+}
+
 // Whether query row i sees key j (rows past T see nothing).
-__host__ __device__ __forceinline__ bool visible(const MaskSpec& m, const uint8_t* mask, int i, int j) {
+JSK_HD bool visible(const MaskSpec& m, const uint8_t* mask, int i, int j) {
   if (i >= m.T || j >= m.S) return false;
   const int p = i + m.S - m.T;
   if (m.causal && j > p) return false;
@@ -97,7 +123,7 @@ __host__ __device__ __forceinline__ bool visible(const MaskSpec& m, const uint8_
 
 // First key tile n >= n_from (of width bn) in [n_from, n_end) that is not off for the
 // query rows [r0, r0 + bm); n_end when none. Dense masks: every tile in range is on.
-__host__ __device__ __forceinline__ int next_key_tile(const MaskSpec& m, const uint8_t* mask, int r0, int bm,
+JSK_HD int next_key_tile(const MaskSpec& m, const uint8_t* mask, int r0, int bm,
                                              int bn, int n_from, int n_end) {
   if (!mask) return n_from;
   int n = n_from;
@@ -106,7 +132,7 @@ __host__ __device__ __forceinline__ int next_key_tile(const MaskSpec& m, const u
 }
 
 // First query tile t >= t_from in [t_from, t_end) not off for the keys [c0, c0 + bn).
-__host__ __device__ __forceinline__ int next_query_tile(const MaskSpec& m, const uint8_t* mask, int c0,
+JSK_HD int next_query_tile(const MaskSpec& m, const uint8_t* mask, int c0,
                                                int bn, int bm, int t_from, int t_end) {
   if (!mask) return t_from;
   int t = t_from;
@@ -118,14 +144,14 @@ __host__ __device__ __forceinline__ int next_query_tile(const MaskSpec& m, const
 struct TileRange {
   int first, end;
 };
-__host__ __device__ __forceinline__ TileRange key_tiles(const MaskSpec& m, int r0, int bm, int bn) {
+JSK_HD TileRange key_tiles(const MaskSpec& m, int r0, int bm, int bn) {
   const int r1 = imin(r0 + bm, m.T);
   if (r0 >= r1) return {0, 0};
   const int lo = m.key_lo(r0), hi = m.key_hi(r1 - 1);
   if (hi < lo) return {0, 0};
   return {lo / bn, hi / bn + 1};
 }
-__host__ __device__ __forceinline__ TileRange query_tiles(const MaskSpec& m, int c0, int bn, int bm) {
+JSK_HD TileRange query_tiles(const MaskSpec& m, int c0, int bn, int bm) {
   const int c1 = imin(c0 + bn, m.S);
   if (c0 >= c1) return {0, 0};
   const int lo = m.row_lo(c0), hi = m.row_hi(c1);
