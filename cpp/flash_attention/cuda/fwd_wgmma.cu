@@ -28,7 +28,8 @@ struct Smem {
   static constexpr uint32_t kQBytes = kBM * D * 2, kTileBytes = kBN * D * 2;
   static constexpr uint32_t kQ = 0, kK = kQ + kQBytes, kV = kK + 2 * kTileBytes;
   static constexpr uint32_t kBars = kV + 2 * kTileBytes;  // 9 mbarriers
-  static constexpr int kBytes = 1024 + kBars + 9 * 8;
+  static constexpr uint32_t kTileInfo = kBars + 9 * 8;     // int[2]: the key tile in each stage
+  static constexpr int kBytes = 1024 + kTileInfo + 2 * 4;
 };
 
 template <int kRegs>
@@ -108,6 +109,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bars = base + L::kBars;
   const uint32_t bar_q = bars, k_full = bars + 8, k_empty = bars + 24, v_full = bars + 40,
                  v_empty = bars + 56;  // [2] each, 8 bytes apart
+  volatile int* tile_info = reinterpret_cast<volatile int*>(smem_raw + (base - smem_u32(smem_raw)) + L::kTileInfo);
 
   const int tid = threadIdx.x, wg = tid / 128;
   const int m_tile = p.mask.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
@@ -133,14 +135,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     setmaxnreg_dec<kProducerRegs>();
     if (tid != 0) return;
     int n = next_key_tile(p.mask, mask, r0, kBM, kBN, range.first, range.end);
-    if (n < range.end) {
-      mbar_arrive_expect_tx(bar_q, L::kQBytes);
-      tma_load_tile<kBM, D>(sQ, &tm_q, bar_q, r0, h, b);
-    }
-    for (int it = 0; n < range.end; ++it) {
+    if (n >= range.end) return;  // the consumers find no tile either
+    mbar_arrive_expect_tx(bar_q, L::kQBytes);
+    tma_load_tile<kBM, D>(sQ, &tm_q, bar_q, r0, h, b);
+    // Each stage also carries its tile's index and status (2 n + partial) in shared memory,
+    // published by the arrive on k_full; -1 after the last tile ends the consumers' loop.
+    for (int it = 0;; ++it) {
       const int stage = it & 1;
       const uint32_t use = it >> 1;
       if (it >= 2) mbar_wait(k_empty + 8 * stage, (use - 1) & 1);
+      if (n >= range.end) {
+        tile_info[stage] = -1;
+        mbar_arrive(k_full + 8 * stage);
+        break;
+      }
+      tile_info[stage] = 2 * n + (tile_status(p.mask, mask, r0, kBM, n * kBN, kBN) == kTilePartial);
       mbar_arrive_expect_tx(k_full + 8 * stage, L::kTileBytes);
       tma_load_tile<kBN, D>(sK + stage * L::kTileBytes, &tm_k, k_full + 8 * stage, n * kBN, kvh, b);
       if (it >= 2) mbar_wait(v_empty + 8 * stage, (use - 1) & 1);
@@ -165,31 +174,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
   const int my_turn = kBarTurn + c, other_turn = kBarTurn + (1 - c);
 
-  int n = next_key_tile(p.mask, mask, r0, kBM, kBN, range.first, range.end);
-  if (n < range.end) {
+  if (next_key_tile(p.mask, mask, r0, kBM, kBN, range.first, range.end) < range.end) {
     const RowMasks row_masks(p.mask, mask, row_a);
     if (pingpong && c == 1) named_bar_arrive(kBarTurn, 256);  // consumer 0 goes first
     mbar_wait(bar_q, 0);
 
     // Tile 0: S_0 only.
-    if (pingpong) named_bar_sync(my_turn, 256);
     mbar_wait(k_full, 0);
+    int tile = tile_info[0];  // 2 n + partial
+    if (pingpong) named_bar_sync(my_turn, 256);
     issue_qk<kBf16, D>(s, q_rows, sK);
     if (pingpong) named_bar_arrive(other_turn, 256);
     wgmma_wait<0>();
     fence_regs(reinterpret_cast<float(&)[kBN / 2]>(s));
     mbar_arrive(k_empty);
-    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2,
-                            tile_status(p.mask, mask, r0, kBM, n * kBN, kBN) == kTilePartial,
-                            row_masks, n * kBN + 2 * t4);
+    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, tile & 1, row_masks,
+                            (tile >> 1) * kBN + 2 * t4);
     convert_p<kBf16>(s, pf);
 
     int it = 1;
-    for (n = next_key_tile(p.mask, mask, r0, kBM, kBN, n + 1, range.end); n < range.end;
-         n = next_key_tile(p.mask, mask, r0, kBM, kBN, n + 1, range.end), ++it) {
+    for (;; ++it) {
       const int stage = it & 1, prev = stage ^ 1;
-      if (pingpong) named_bar_sync(my_turn, 256);
       mbar_wait(k_full + 8 * stage, (it >> 1) & 1);
+      tile = tile_info[stage];
+      if (tile < 0) break;  // no more key tiles
+      if (pingpong) named_bar_sync(my_turn, 256);
       issue_qk<kBf16, D>(s, q_rows, sK + stage * L::kTileBytes);
       rescale<D>(o, alpha);
       mbar_wait(v_full + 8 * prev, ((it - 1) >> 1) & 1);
@@ -199,9 +208,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();  // S_i is done; P_{i-1} V_{i-1} may still run
       fence_regs(reinterpret_cast<float(&)[kBN / 2]>(s));
       mbar_arrive(k_empty + 8 * stage);
-      softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2,
-                              tile_status(p.mask, mask, r0, kBM, n * kBN, kBN) == kTilePartial,
-                              row_masks, n * kBN + 2 * t4);
+      softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, tile & 1, row_masks,
+                              (tile >> 1) * kBN + 2 * t4);
       wgmma_wait<0>();
       fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
       fence_regs(reinterpret_cast<uint32_t(&)[kBN / 4]>(pf));
