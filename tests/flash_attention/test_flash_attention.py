@@ -228,11 +228,12 @@ SHARDING_CHECK = textwrap.dedent("""
 """)
 
 
-def test_batch_and_head_sharding_runs_shard_local():
+def test_batch_and_head_sharding_runs_shard_local(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
+    # Run outside the source tree so that the child imports the installed package.
     done = subprocess.run([sys.executable, "-c", SHARDING_CHECK], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and "sharding ok" in done.stdout, done.stderr[-3000:]
 
 
