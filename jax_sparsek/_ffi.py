@@ -51,24 +51,30 @@ def default_platform() -> str:
     return jax.default_backend().lower().replace("gpu", "cuda")
 
 
-def resolve_implementation(implementation: str | None, targets: Sequence[str]) -> str:
+def resolve_implementation(implementation: str | None, targets: Sequence[str],
+                           cuda_unsupported: str | None = None) -> str:
     """Maps the user's `implementation=` to "ffi" or "xla".
 
-    None picks the FFI kernels when this build has them for the default backend and the
-    pure-JAX reference otherwise; "ffi" insists on the kernels.
+    None picks the FFI kernels when this build has them for the default backend (and, on a
+    GPU, when `cuda_unsupported` names no limit of the CUDA kernels that this call hits) and
+    the pure-JAX reference otherwise; "ffi" insists on the kernels.
     """
     if implementation not in (None, "ffi", "xla"):
         raise ValueError(f'implementation must be None, "ffi" or "xla", got {implementation!r}')
     if implementation == "xla":
         return "xla"
     platform = default_platform()
-    available = all(has_target(t, platform) for t in targets)
-    if implementation == "ffi" and not available:
-        raise ValueError(
-            f'implementation="ffi": this build has no {platform} kernel for '
-            f"{', '.join(targets)} (CUDA kernels: {'built' if WITH_CUDA else 'not built'})"
-        )
-    return "ffi" if available else "xla"
+    reason = None
+    if not all(has_target(t, platform) for t in targets):
+        reason = (f"this build has no {platform} kernel for {', '.join(targets)} "
+                  f"(CUDA kernels: {'built' if WITH_CUDA else 'not built'})")
+    elif platform == "cuda" and cuda_unsupported:
+        reason = f"the CUDA kernels {cuda_unsupported}"
+    if reason is None:
+        return "ffi"
+    if implementation == "ffi":
+        raise ValueError(f'implementation="ffi": {reason}')
+    return "xla"
 
 
 def result_like(x: jax.Array, shape: Sequence[int] | None = None, dtype=None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from jax_sparsek import _ffi
+from jax_sparsek._attention_vjp import cuda_unsupported
 from jax_sparsek._validation import check_attention_inputs, check_scale
 from jax_sparsek.flash_attention import ffi, reference
 from jax_sparsek.flash_attention.reference import check_causal, check_window
@@ -33,7 +34,8 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
     causal = check_causal(causal)
     left, right = check_window(window)
     scale = check_scale(scale, dims.D)
-    impl = _ffi.resolve_implementation(implementation, [ffi.FWD_TARGET, ffi.BWD_TARGET])
+    impl = _ffi.resolve_implementation(implementation, [ffi.FWD_TARGET, ffi.BWD_TARGET],
+                                      cuda_unsupported(q, dims))
     if impl == "xla":
         return reference.flash_attention(q, k, v, causal=causal, window=window, scale=scale)
     return ffi.flash_attention(q, k, v, causal=causal, window=(left, right), scale=scale)
