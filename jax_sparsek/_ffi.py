@@ -48,7 +48,16 @@ def has_target(name: str, platform: str) -> bool:
 
 
 def default_platform() -> str:
-    return jax.default_backend().lower().replace("gpu", "cuda")
+    """The platform new computations run on: `jax.default_device` when one is set, else the
+    default backend's ("cpu" or "cuda")."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):
+        platform = device
+    elif device is not None:
+        platform = device.platform
+    else:
+        platform = jax.default_backend()
+    return platform.lower().replace("gpu", "cuda")
 
 
 def resolve_implementation(implementation: str | None, targets: Sequence[str],

@@ -1,0 +1,76 @@
+"""flash_attention and block_sparse_attention on the CUDA kernels (skipped without a GPU):
+values and gradients against the float32 reference, and the routing of inputs the CUDA
+kernels do not take."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_sparsek import block_sparse_attention, flash_attention, reference
+from jax_sparsek.testing import assert_close, assert_custom_call, upcast
+
+pytestmark = pytest.mark.gpu
+GRAD_FACTOR = 4.0
+
+
+def inputs(shapes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s, np.float32), dtype) for s in shapes]
+
+
+def check(fn, ref_fn, q, k, v, dtype):
+    do = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape[:3] + v.shape[3:],
+                                                                np.float32), dtype)
+
+    def value_and_grads(f, *xs):
+        o, vjp = jax.vjp(f, *xs[:3])
+        return (o, *vjp(xs[3]))
+
+    got = jax.jit(lambda *xs: value_and_grads(fn, *xs))(q, k, v, do)
+    want = jax.jit(lambda *xs: value_and_grads(ref_fn, *xs))(*upcast(q, k, v, do))
+    for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+        assert_close(g, w, dtype, factor=1.0 if name == "o" else GRAD_FACTOR, what=name)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B,T,S,N,K,causal,window", [
+    (2, 256, 256, 4, 4, False, None),
+    (1, 300, 300, 8, 2, True, None),         # GQA, ragged tiles
+    (1, 100, 333, 4, 1, True, None),         # T < S: bottom-right alignment
+    (1, 333, 100, 4, 2, True, None),         # T > S: rows that see no key
+    (1, 512, 512, 4, 4, True, (100, 0)),     # causal sliding window
+    (1, 200, 260, 2, 2, False, (30, 20)),
+])
+def test_flash_attention_matches_reference(B, T, S, N, K, causal, window, D, dtype):
+    q, k, v = inputs([(B, T, N, D), (B, S, K, D), (B, S, K, D)], dtype, seed=T + S + D)
+    kw = dict(causal=causal, window=window)
+    check(lambda q, k, v: flash_attention(q, k, v, implementation="ffi", **kw),
+          lambda q, k, v: reference.flash_attention(q, k, v, **kw), q, k, v, dtype)
+    assert_custom_call(lambda q, k, v: flash_attention(q, k, v, **kw), q, k, v,
+                       target="jax_sparsek_flash_fwd")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("block_size,mask_heads,causal", [
+    ((128, 128), 2, False), ((64, 96), 4, True), ((200, 50), 1, False)])
+def test_block_sparse_matches_reference(block_size, mask_heads, causal, dtype):
+    B, T, S, N, K, D = 2, 384, 448, 4, 2, 128
+    q, k, v = inputs([(B, T, N, D), (B, S, K, D), (B, S, K, D)], dtype, seed=7)
+    shape = (B, mask_heads, -(-T // block_size[0]), -(-S // block_size[1]))
+    mask = jnp.asarray(np.random.default_rng(3).random(shape) < 0.4)
+    kw = dict(block_size=block_size, causal=causal)
+    check(lambda q, k, v: block_sparse_attention(q, k, v, mask, implementation="ffi", **kw),
+          lambda q, k, v: reference.block_sparse_attention(q, k, v, mask, **kw), q, k, v, dtype)
+
+
+def test_inputs_the_cuda_kernels_do_not_take():
+    q, k, v = inputs([(1, 64, 2, 32), (1, 64, 2, 32), (1, 64, 2, 32)], "bfloat16", seed=0)
+    # Head dim 32 has no CUDA kernel: the default runs the reference, "ffi" says why.
+    out = flash_attention(q, k, v, causal=True)
+    assert_close(out, reference.flash_attention(*upcast(q, k, v), causal=True), "bfloat16")
+    with pytest.raises(ValueError, match="head dims"):
+        flash_attention(q, k, v, implementation="ffi")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        flash_attention(*upcast(q, k, v), implementation="ffi")
