@@ -73,7 +73,8 @@ struct Layout {
   }
 };
 
-// Float rows of one operand: float32 inputs are read in place, 16-bit ones converted once.
+// Float rows of one operand: float32 inputs are read in place, 16-bit ones converted into a
+// per-query buffer.
 template <typename T>
 struct FloatRows {
   const T* base;

@@ -31,6 +31,10 @@ def check_sparsek_inputs(q, k, v, scores, k_select, window, causal, scale):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = check_scale(scale, dims.D)
+    # Equivalent smaller values for very large arguments (k_select >= S selects every candidate;
+    # a window of S + T covers every key in both modes), so that they fit int32 index math.
+    k_select = min(k_select, dims.S)
+    window = min(window, dims.S + dims.T)
     return dims, k_select, window, causal, scale
 
 
@@ -45,6 +49,7 @@ def _selection_order(u):
     return jnp.lexsort((-idx, -jax.lax.stop_gradient(u)), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def selection(scores, num_queries: int, k_select: int, window: int, causal: bool):
     """The selection every query makes, densely.
 

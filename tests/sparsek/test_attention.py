@@ -278,3 +278,13 @@ def test_batch_and_head_sharding_run_without_gathers():
     run = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_huge_k_select_and_window_mean_everything():
+    config = CONFIGS["square-gqa2"]
+    q, k, v, scores = make_inputs(config, seed=8)
+    S, T = k.shape[1], q.shape[1]
+    for implementation in ("ffi", "xla"):
+        run = lambda **kw: sparsek_attention(q, k, v, scores, implementation=implementation, **kw)
+        np.testing.assert_array_equal(run(k_select=10**15, window=1), run(k_select=S, window=1))
+        np.testing.assert_array_equal(run(k_select=2, window=10**15), run(k_select=2, window=S + T))
