@@ -16,7 +16,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jax_sparsek import _ffi, _sharding
+from jax_sparsek import _ffi
 
 
 # Dimension names of each FFI operand and result for the sharding rule: batch "b", query
@@ -64,21 +64,21 @@ class AttentionKernel:
         vmap folds into their batch axis and sharding hands the call one shard."""
         names = tuple(operands)
 
-        def call(*ops):
+        def body(*ops):
             ops = dict(zip(names, ops))
             fn = jax.ffi.ffi_call(target, result_types(ops), vmap_method="sequential")
             return fn(*ops.values(), **dict(self.attrs))
 
-        def partitioned_call(*ops):
-            ops = dict(zip(names, ops))
-            sizes = {"b": ops["q"].shape[0], "n": ops["q"].shape[2], "k": ops["k"].shape[2]}
-            dims = [_mask_dims(x.shape, sizes) if n == "mask" else _DIMS[n] for n, x in ops.items()]
-            return _sharding.partitioned(call, dims, [_DIMS[n] for n in results], sizes=sizes,
-                                         name=self.name)(*ops.values())
+        def operand_dims(*ops):
+            sizes = {"b": ops[0].shape[0], "n": ops[0].shape[2], "k": ops[1].shape[2]}
+            return [_mask_dims(x.shape, sizes) if n == "mask" else _DIMS[n]
+                    for n, x in zip(names, ops)]
 
         # A shared mask (size 1 on its batch axis) stays shared when vmap folds the batch.
         broadcastable = (names.index("mask"),) if "mask" in names else ()
-        return _ffi.fold_vmap(partitioned_call, broadcastable=broadcastable)(*operands.values())
+        return _ffi.batched_call(body, tuple(operands.values()), operand_dims,
+                                 [_DIMS[n] for n in results], name=self.name,
+                                 broadcastable=broadcastable)
 
     def forward(self, q, k, v, mask):
         """(o [B, T, N, Dv] in q's dtype, lse [B, N, T] float32)."""

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from jax_sparsek._sharding import shard_local
+
 try:
     from jax_sparsek import _jax_sparsek_ext as _ext
 except ImportError as e:  # pragma: no cover - only on a broken install
@@ -133,3 +135,12 @@ def fold_vmap(fn: Callable, *, broadcastable: Sequence[int] = ()) -> Callable:
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return batched_fn
+
+
+def batched_call(body: Callable, operands: Sequence, operand_dims, result_dims, *, name: str,
+                 broadcastable: Sequence[int] = ()):
+    """Runs `body(*operands) -> tuple of arrays` (the op's FFI calls, which build their result
+    types from the operands they receive) with vmap folded into the batch axis and batch /
+    head shardings run shard-locally (see _sharding.shard_local for the dims)."""
+    local = shard_local(body, operand_dims, result_dims, name=name)
+    return fold_vmap(local, broadcastable=broadcastable)(*operands)

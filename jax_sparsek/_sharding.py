@@ -96,3 +96,19 @@ def partitioned(fn: Callable, operands: Sequence[Dims], results: Sequence[Dims],
                           need_replication_factors=_local_factors(operands, results, shardable),
                           g=group)
     return wrapped
+
+
+def shard_local(body: Callable, operand_dims, result_dims: Sequence[Dims], *, name: str) -> Callable:
+    """`body(*operands)` run shard-locally under batch / head shardings. `operand_dims` is a
+    list of named dims per operand, or a function of the operands returning one; the sizes
+    of "b", "n" and "k" are read off the operands."""
+
+    def run(*ops):
+        dims_in = operand_dims(*ops) if callable(operand_dims) else operand_dims
+        sizes = {}
+        for dims, x in zip(dims_in, ops):
+            for d, size in zip(dims, x.shape):
+                sizes.setdefault(d, size)
+        return partitioned(body, dims_in, result_dims, sizes=sizes, name=name)(*ops)
+
+    return run

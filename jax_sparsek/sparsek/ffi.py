@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sparsek import _ffi
-from jax_sparsek._sharding import partitioned
 
 SELECT_TARGET = "jax_sparsek_sparsek_select"
 FWD_TARGET = "jax_sparsek_sparsek_fwd"
@@ -31,22 +30,6 @@ _O, _LSE = ("b", "t", "n", "e"), ("b", "n", "t")
 
 def _ffi_call(target, results, operands, attrs):
     return tuple(jax.ffi.ffi_call(target, results, vmap_method="sequential")(*operands, **attrs))
-
-
-def _batched(body, operands, dims_in=None, dims_out=None, heads=None, name=""):
-    """body(*operands) -> tuple of arrays, with vmap folded into the batch axis and, given the
-    named dims of its operands and results, batch and head shardings run shard-locally. The
-    body builds its FFI result types from the operands it receives (folded, or one shard's)."""
-
-    def run(*ops):
-        fn = body
-        if dims_in is not None:
-            N, K = heads(*ops)
-            fn = partitioned(body, dims_in, dims_out, sizes={"b": ops[0].shape[0], "n": N, "k": K},
-                             name=name)
-        return fn(*ops)
-
-    return _ffi.fold_vmap(run)(*operands)
 
 
 def _select_call(scores, num_queries, k_select, window, causal):
@@ -67,7 +50,7 @@ def select(scores, *, num_queries: int, k_select: int, window: int, causal: bool
     """(tau f32 [B, K, T], kth s32 [B, K, T]) for scores f32 [B, S, K] (no sharding rule of
     its own: inside sparsek_attention it runs in the forward's partitioned call)."""
     body = lambda s: _select_call(s, num_queries, k_select, window, causal)
-    return _batched(body, (scores,))
+    return _ffi.fold_vmap(body)(scores)
 
 
 def forward(q, k, v, scores, *, scale, k_select, window, causal):
@@ -82,8 +65,8 @@ def forward(q, k, v, scores, *, scale, k_select, window, causal):
                            _attrs(scale, k_select, window, causal))
         return o, lse, tau, kth
 
-    return _batched(body, (q, k, v, scores), [_Q, _KV, _V, _SCORES], [_O, _LSE, _SEL, _SEL],
-                    lambda q, k, *_: (q.shape[2], k.shape[2]), FWD_TARGET)
+    return _ffi.batched_call(body, (q, k, v, scores), [_Q, _KV, _V, _SCORES],
+                             [_O, _LSE, _SEL, _SEL], name="sparsek_attention")
 
 
 def backward(q, k, v, scores, tau, kth, o, lse, do, *, scale, k_select, window, causal):
@@ -95,9 +78,9 @@ def backward(q, k, v, scores, tau, kth, o, lse, do, *, scale, k_select, window, 
         return _ffi_call(BWD_TARGET, results, (q, k, v, scores, *rest),
                          _attrs(scale, k_select, window, causal))
 
-    return _batched(body, (q, k, v, scores, tau, kth, o, lse, do),
-                    [_Q, _KV, _V, _SCORES, _SEL, _SEL, _O, _LSE, _O], [_Q, _KV, _V, _SCORES],
-                    lambda q, k, *_: (q.shape[2], k.shape[2]), BWD_TARGET)
+    return _ffi.batched_call(body, (q, k, v, scores, tau, kth, o, lse, do),
+                             [_Q, _KV, _V, _SCORES, _SEL, _SEL, _O, _LSE, _O],
+                             [_Q, _KV, _V, _SCORES], name="sparsek_attention")
 
 
 def _forward_with_residuals(q, k, v, scores, k_select, window, causal, scale):
