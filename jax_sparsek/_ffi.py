@@ -3,7 +3,6 @@ FFI target once, and holds the helpers every op's FFI wrapper shares."""
 
 from __future__ import annotations
 
-import functools
 import re
 from typing import Callable, Sequence
 

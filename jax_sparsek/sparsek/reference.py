@@ -104,7 +104,7 @@ def sparsek_attention_dense(q, k, v, scores, *, k_select: int, window: int, caus
     """SparseK attention with no argument checks, in the inputs' precision promoted to at least
     float32 (float64 inputs under `jax.experimental.enable_x64` compute in float64)."""
     B, T, N, D = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K = k.shape[2]
     G = N // K
     acc = jnp.promote_types(q.dtype, jnp.float32)
     q32, k32, v32 = (x.astype(acc) for x in (q, k, v))
