@@ -18,7 +18,7 @@ def _best_peer_ms(records: list[dict]) -> dict:
     best = {}
     for r in records:
         if r["impl"] != OURS:
-            key = (r["preset"], r["pass"])
+            key = (r["device"], r["preset"], r["pass"])
             best[key] = min(best.get(key, float("inf")), r["ms"])
     return best
 
@@ -34,7 +34,7 @@ def table(records: list[dict]) -> str:
     head = ("preset", "impl", "pass", "ms", "TF/s", "us/head", "GB/s", "t/best peer", "rel_err")
     rows = []
     for r in records:
-        peer = best.get((r["preset"], r["pass"]))
+        peer = best.get((r["device"], r["preset"], r["pass"]))
         rows.append((
             r["preset"], r["impl"], r["pass"], f"{r['ms']:.3f}", _num(r["tflops"]),
             _num(r["us_per_head"]), _num(r["gbps"]),
@@ -63,3 +63,33 @@ def save(records: list[dict], out_dir: Path = RESULTS) -> list[Path]:
         path.write_text(json.dumps(kept + new, indent=1) + "\n")
         paths.append(path)
     return paths
+
+
+def markdown(records: list[dict]) -> str:
+    """The README's results table: one row per (device, preset, pass, impl), ours first."""
+    best = _best_peer_ms(records)
+    order = lambda r: (r["device"], r["preset"], r["pass"], r["impl"] != OURS, r["ms"])
+    lines = ["| device | preset | pass | impl | ms | TF/s | us/head | ours / best peer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=order):
+        ratio = ""
+        key = (r["device"], r["preset"], r["pass"])
+        if r["impl"] == OURS and key in best:
+            ratio = f"{r['ms'] / best[key]:.2f}"
+        lines.append(f"| {r['device']} | {r['preset']} | {r['pass']} | {r['impl']} | "
+                     f"{r['ms']:.3f} | {_num(r['tflops'])} | {_num(r['us_per_head'])} | {ratio} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results: Path = RESULTS) -> None:
+    """Rewrites the table between the README's results markers from every JSON record."""
+    records = [r for path in sorted(results.glob("*/*.json")) for r in json.loads(path.read_text())]
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    text = readme.read_text()
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n{markdown(records)}\n{end}{tail}")
+
+
+if __name__ == "__main__":  # python -m benchmarks.report: regenerate the README's table
+    update_readme(RESULTS.parent.parent / "README.md")
