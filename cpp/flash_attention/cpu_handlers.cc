@@ -5,6 +5,7 @@
 #include <cmath>
 #include <string>
 
+#include "common/attention_checks.h"
 #include "common/ffi_helpers.h"
 #include "common/registry.h"
 #include "flash_attention/cpu_kernels.h"
@@ -14,61 +15,17 @@ namespace {
 
 std::string Str(int64_t x) { return std::to_string(x); }
 
-ffi::Error CheckInputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                       Dims* d) {
-  int64_t qd[4], kd[4], vd[4];
-  JSK_RETURN_IF_ERROR(GetDims("q", q, qd));
-  JSK_RETURN_IF_ERROR(GetDims("k", k, kd));
-  JSK_RETURN_IF_ERROR(GetDims("v", v, vd));
-  *d = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3]};
-  if (kd[0] != d->B || kd[3] != d->D)
-    return ffi::Error::InvalidArgument("k must have shape [B=" + Str(d->B) + ", S, K, D=" +
-                                       Str(d->D) + "], got " + ShapeString(k.dimensions()));
-  JSK_RETURN_IF_ERROR(ExpectShape("v", v, {d->B, d->S, d->K, d->Dv}));
-  if (d->K <= 0 || d->N % d->K != 0)
-    return ffi::Error::InvalidArgument("the number of query heads N=" + Str(d->N) +
-                                       " must be a multiple of the number of kv heads K=" +
-                                       Str(d->K));
-  const ffi::DataType dtype = q.element_type();
-  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16)
-    return ffi::Error::InvalidArgument(std::string("q must be float32, bfloat16 or float16, got ") +
-                                       DtypeName(dtype));
-  JSK_RETURN_IF_ERROR(ExpectDtype("k", k, dtype));
-  JSK_RETURN_IF_ERROR(ExpectDtype("v", v, dtype));
-  return ffi::Error::Success();
-}
-
-// o [B, T, N, Dv] in q's dtype and lse [B, N, T] float32: results of the forward,
-// operands of the backward.
-ffi::Error CheckOutputAndLse(const Dims& d, ffi::DataType dtype, const ffi::AnyBuffer& o,
-                             const ffi::AnyBuffer& lse) {
-  JSK_RETURN_IF_ERROR(ExpectShape("o", o, {d.B, d.T, d.N, d.Dv}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("o", o, dtype));
-  JSK_RETURN_IF_ERROR(ExpectShape("lse", lse, {d.B, d.N, d.T}));
-  return ExpectDtype("lse", lse, ffi::DataType::F32);
-}
-
-ffi::Error CheckGradients(const Dims& d, ffi::DataType dtype, const ffi::AnyBuffer& dout,
-                          const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
-                          const ffi::AnyBuffer& dv, const ffi::AnyBuffer& dq_accum) {
-  JSK_RETURN_IF_ERROR(ExpectShape("do", dout, {d.B, d.T, d.N, d.Dv}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("do", dout, dtype));
-  JSK_RETURN_IF_ERROR(ExpectShape("dq", dq, {d.B, d.T, d.N, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("dq", dq, dtype));
-  JSK_RETURN_IF_ERROR(ExpectShape("dk", dk, {d.B, d.S, d.K, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("dk", dk, dtype));
-  JSK_RETURN_IF_ERROR(ExpectShape("dv", dv, {d.B, d.S, d.K, d.Dv}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("dv", dv, dtype));
-  JSK_RETURN_IF_ERROR(ExpectShape("dq_accum", dq_accum, {d.B, d.T, d.N, d.D}));
-  return ExpectDtype("dq_accum", dq_accum, ffi::DataType::F32);
-}
+// The kernels' sizes from the checked shape (the CPU kernels take every dtype that
+// ReadAttentionShape accepts).
+Dims KernelDims(const AttentionShape& s) { return Dims{s.B, s.T, s.S, s.N, s.K, s.D, s.Dv}; }
 
 ffi::Error CheckScale(float scale) {
   if (std::isfinite(scale)) return ffi::Error::Success();
   return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
 }
 
-ffi::Error MakeDenseMask(const Dims& d, bool causal, int64_t left, int64_t right, DenseMask* out) {
+ffi::Error MakeDenseMask(const AttentionShape& d, bool causal, int64_t left, int64_t right,
+                         DenseMask* out) {
   if (left < -1 || right < -1)
     return ffi::Error::InvalidArgument("window_left and window_right must be >= 0, or -1 for "
                                        "unbounded; got " + Str(left) + ", " + Str(right));
@@ -76,8 +33,8 @@ ffi::Error MakeDenseMask(const Dims& d, bool causal, int64_t left, int64_t right
   return ffi::Error::Success();
 }
 
-ffi::Error MakeBlockMask(const Dims& d, const ffi::AnyBuffer& mask, bool causal, int64_t block_q,
-                         int64_t block_k, BlockMask* out) {
+ffi::Error MakeBlockMask(const AttentionShape& d, const ffi::AnyBuffer& mask, bool causal,
+                         int64_t block_q, int64_t block_k, BlockMask* out) {
   if (block_q <= 0 || block_k <= 0)
     return ffi::Error::InvalidArgument("block_q and block_k must be positive, got " +
                                        Str(block_q) + ", " + Str(block_k));
@@ -99,14 +56,14 @@ ffi::Error MakeBlockMask(const Dims& d, const ffi::AnyBuffer& mask, bool causal,
 }
 
 template <typename Mask>
-ffi::Error Forward(const Dims& d, float scale, const Mask& mask, const ffi::AnyBuffer& q,
+ffi::Error Forward(const AttentionShape& d, float scale, const Mask& mask, const ffi::AnyBuffer& q,
                    const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, ffi::AnyBuffer o,
                    ffi::AnyBuffer lse) {
   JSK_RETURN_IF_ERROR(CheckScale(scale));
-  JSK_RETURN_IF_ERROR(CheckOutputAndLse(d, q.element_type(), o, lse));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(d, q.element_type(), o, lse));
   DispatchFloat(q.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    ForwardArgs<T> args{d, scale,
+    ForwardArgs<T> args{KernelDims(d), scale,
                         reinterpret_cast<const T*>(q.untyped_data()),
                         reinterpret_cast<const T*>(k.untyped_data()),
                         reinterpret_cast<const T*>(v.untyped_data()),
@@ -118,16 +75,18 @@ ffi::Error Forward(const Dims& d, float scale, const Mask& mask, const ffi::AnyB
 }
 
 template <typename Mask>
-ffi::Error Backward(const Dims& d, float scale, const Mask& mask, const ffi::AnyBuffer& q,
+ffi::Error Backward(const AttentionShape& d, float scale, const Mask& mask, const ffi::AnyBuffer& q,
                     const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const ffi::AnyBuffer& o,
                     const ffi::AnyBuffer& lse, const ffi::AnyBuffer& dout, ffi::AnyBuffer dq,
                     ffi::AnyBuffer dk, ffi::AnyBuffer dv, ffi::AnyBuffer dq_accum) {
   JSK_RETURN_IF_ERROR(CheckScale(scale));
-  JSK_RETURN_IF_ERROR(CheckOutputAndLse(d, q.element_type(), o, lse));
-  JSK_RETURN_IF_ERROR(CheckGradients(d, q.element_type(), dout, dq, dk, dv, dq_accum));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(d, q.element_type(), o, lse));
+  JSK_RETURN_IF_ERROR(CheckAttentionGradients(d, q.element_type(), dout, dq, dk, dv));
+  JSK_RETURN_IF_ERROR(ExpectShape("dq_accum", dq_accum, {d.B, d.T, d.N, d.D}));
+  JSK_RETURN_IF_ERROR(ExpectDtype("dq_accum", dq_accum, ffi::DataType::F32));
   DispatchFloat(q.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    BackwardArgs<T> args{d, scale,
+    BackwardArgs<T> args{KernelDims(d), scale,
                          reinterpret_cast<const T*>(q.untyped_data()),
                          reinterpret_cast<const T*>(k.untyped_data()),
                          reinterpret_cast<const T*>(v.untyped_data()),
@@ -146,9 +105,9 @@ ffi::Error Backward(const Dims& d, float scale, const Mask& mask, const ffi::Any
 ffi::Error FlashFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, float scale,
                         bool causal, int64_t window_left, int64_t window_right,
                         ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
-  Dims d;
+  AttentionShape d;
   DenseMask mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
   JSK_RETURN_IF_ERROR(MakeDenseMask(d, causal, window_left, window_right, &mask));
   return Forward(d, scale, mask, q, k, v, *o, *lse);
 }
@@ -158,9 +117,9 @@ ffi::Error FlashBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
                         int64_t window_left, int64_t window_right,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum) {
-  Dims d;
+  AttentionShape d;
   DenseMask mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
   JSK_RETURN_IF_ERROR(MakeDenseMask(d, causal, window_left, window_right, &mask));
   return Backward(d, scale, mask, q, k, v, o, lse, dout, *dq, *dk, *dv, *dq_accum);
 }
@@ -169,9 +128,9 @@ ffi::Error BlockSparseFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
                               ffi::AnyBuffer block_mask, float scale, bool causal, int64_t block_q,
                               int64_t block_k, ffi::Result<ffi::AnyBuffer> o,
                               ffi::Result<ffi::AnyBuffer> lse) {
-  Dims d;
+  AttentionShape d;
   BlockMask mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
   JSK_RETURN_IF_ERROR(MakeBlockMask(d, block_mask, causal, block_q, block_k, &mask));
   return Forward(d, scale, mask, q, k, v, *o, *lse);
 }
@@ -182,9 +141,9 @@ ffi::Error BlockSparseBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
                               int64_t block_k, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                               ffi::Result<ffi::AnyBuffer> dq_accum) {
-  Dims d;
+  AttentionShape d;
   BlockMask mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
   JSK_RETURN_IF_ERROR(MakeBlockMask(d, block_mask, causal, block_q, block_k, &mask));
   return Backward(d, scale, mask, q, k, v, o, lse, dout, *dq, *dk, *dv, *dq_accum);
 }

@@ -33,6 +33,7 @@
 #include <cmath>
 #include <string>
 
+#include "common/attention_checks.h"
 #include "common/ffi_helpers.h"
 #include "common/registry.h"
 #include "sparsek/sparsek_cpu.h"
@@ -53,30 +54,17 @@ ffi::Error CheckScores(const ffi::AnyBuffer& scores, int64_t B, int64_t S, int64
   return ExpectShape("scores", scores, {B, S, K});
 }
 
-// q, k, v shapes and dtypes, scores, and the selection (tau, kth) of the T queries.
+// q, k, v shapes and dtypes, scores, and the selection (tau, kth) of the T queries; fills the
+// shape read from q, k, v and the kernels' problem.
 ffi::Error CheckAttention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                           const ffi::AnyBuffer& v, const ffi::AnyBuffer& scores,
                           const ffi::AnyBuffer& tau, const ffi::AnyBuffer& kth, float scale,
-                          int64_t k_select, int64_t window, bool causal, Problem* p) {
-  int64_t qd[4] = {}, kd[4] = {}, vd[4] = {};
-  JSK_RETURN_IF_ERROR(GetDims("q", q, qd));
-  JSK_RETURN_IF_ERROR(GetDims("k", k, kd));
-  JSK_RETURN_IF_ERROR(GetDims("v", v, vd));
-  *p = Problem{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3], k_select, window, causal, scale};
-  p->window = std::min(window, p->S + p->T);  // the same keys, no overflow in p_i + window
-  if (kd[0] != p->B || kd[3] != p->D)
-    return ffi::Error::InvalidArgument("k must have shape [B=" + Str(p->B) + ", S, K, D=" +
-                                       Str(p->D) + "], got " + ShapeString(k.dimensions()));
-  JSK_RETURN_IF_ERROR(ExpectShape("v", v, {p->B, p->S, p->K, p->Dv}));
-  if (p->K <= 0 || p->N % p->K != 0)
-    return ffi::Error::InvalidArgument("the number of query heads N=" + Str(p->N) +
-                                       " must be a multiple of the number of kv heads K=" + Str(p->K));
-  const ffi::DataType dtype = q.element_type();
-  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16)
-    return ffi::Error::InvalidArgument(std::string("q must be float32, bfloat16 or float16, got ") +
-                                       DtypeName(dtype));
-  JSK_RETURN_IF_ERROR(ExpectDtype("k", k, dtype));
-  JSK_RETURN_IF_ERROR(ExpectDtype("v", v, dtype));
+                          int64_t k_select, int64_t window, bool causal, AttentionShape* s,
+                          Problem* p) {
+  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, s));
+  // The same keys with the window clipped to S + T, and no overflow in p_i + window.
+  *p = Problem{s->B, s->T, s->S, s->N, s->K, s->D, s->Dv, k_select,
+               std::min(window, s->S + s->T), causal, scale};
   JSK_RETURN_IF_ERROR(CheckScores(scores, p->B, p->S, p->K));
   JSK_RETURN_IF_ERROR(CheckSelectionAttrs(k_select, window));
   if (!std::isfinite(scale))
@@ -125,11 +113,12 @@ ffi::Error ForwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi
                        ffi::AnyBuffer tau, ffi::AnyBuffer kth, ffi::Result<ffi::AnyBuffer> o,
                        ffi::Result<ffi::AnyBuffer> lse, float scale, int64_t k_select,
                        int64_t window, bool causal) {
+  AttentionShape s;
   Problem p;
-  JSK_RETURN_IF_ERROR(CheckAttention(q, k, v, scores, tau, kth, scale, k_select, window, causal, &p));
+  JSK_RETURN_IF_ERROR(
+      CheckAttention(q, k, v, scores, tau, kth, scale, k_select, window, causal, &s, &p));
   const ffi::DataType dtype = q.element_type();
-  JSK_RETURN_IF_ERROR(CheckLike("o", *o, dtype, {p.B, p.T, p.N, p.Dv}));
-  JSK_RETURN_IF_ERROR(CheckLike("lse", *lse, ffi::DataType::F32, {p.B, p.N, p.T}));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(s, dtype, *o, *lse));
   DispatchFloat(dtype, [&](auto zero) {
     using T = decltype(zero);
     ForwardCpu<T>(p, reinterpret_cast<const T*>(q.untyped_data()),
@@ -149,15 +138,13 @@ ffi::Error BackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dscores,
                         float scale, int64_t k_select, int64_t window, bool causal) {
+  AttentionShape s;
   Problem p;
-  JSK_RETURN_IF_ERROR(CheckAttention(q, k, v, scores, tau, kth, scale, k_select, window, causal, &p));
+  JSK_RETURN_IF_ERROR(
+      CheckAttention(q, k, v, scores, tau, kth, scale, k_select, window, causal, &s, &p));
   const ffi::DataType dtype = q.element_type();
-  JSK_RETURN_IF_ERROR(CheckLike("o", o, dtype, {p.B, p.T, p.N, p.Dv}));
-  JSK_RETURN_IF_ERROR(CheckLike("lse", lse, ffi::DataType::F32, {p.B, p.N, p.T}));
-  JSK_RETURN_IF_ERROR(CheckLike("do", dout, dtype, {p.B, p.T, p.N, p.Dv}));
-  JSK_RETURN_IF_ERROR(CheckLike("dq", *dq, dtype, {p.B, p.T, p.N, p.D}));
-  JSK_RETURN_IF_ERROR(CheckLike("dk", *dk, dtype, {p.B, p.S, p.K, p.D}));
-  JSK_RETURN_IF_ERROR(CheckLike("dv", *dv, dtype, {p.B, p.S, p.K, p.Dv}));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(s, dtype, o, lse));
+  JSK_RETURN_IF_ERROR(CheckAttentionGradients(s, dtype, dout, *dq, *dk, *dv));
   JSK_RETURN_IF_ERROR(CheckLike("dscores", *dscores, ffi::DataType::F32, {p.B, p.S, p.K}));
   DispatchFloat(dtype, [&](auto zero) {
     using T = decltype(zero);

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "attention_kernels.h"
+#include "common/attention_checks.h"
 #include "common/ffi_helpers.h"
 #include "common/registry.h"
 
@@ -20,51 +21,34 @@ namespace {
 
 namespace ffi = xla::ffi;
 
+// The shared attention checks (common/attention_checks.h) plus what the CUDA kernels need on
+// top: 16-bit inputs, one head dim D = Dv of 64 or 128, every axis below 2^30 (int indexing).
 ffi::Error CheckInputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                       AttentionDims* dims, bool* bf16) {
-  int64_t qd[4], kd[4], vd[4];
-  JSK_RETURN_IF_ERROR(GetDims("q", q, qd));
-  JSK_RETURN_IF_ERROR(GetDims("k", k, kd));
-  JSK_RETURN_IF_ERROR(GetDims("v", v, vd));
+                       AttentionShape* shape, AttentionDims* dims, bool* bf16) {
   const ffi::DataType dt = q.element_type();
   if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
     return ffi::Error::InvalidArgument(
         std::string("the CUDA attention kernels take bfloat16 or float16 q/k/v, got ") +
         DtypeName(dt) + " (float32 inputs run on the XLA path)");
   }
-  JSK_RETURN_IF_ERROR(ExpectDtype("k", k, dt));
-  JSK_RETURN_IF_ERROR(ExpectDtype("v", v, dt));
-  const int64_t B = qd[0], T = qd[1], N = qd[2], D = qd[3], S = kd[1], K = kd[2];
-  JSK_RETURN_IF_ERROR(ExpectShape("k", k, {B, S, K, D}));
-  if (vd[3] != D) {
+  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, shape));
+  const AttentionShape& s = *shape;
+  if (s.Dv != s.D) {
     return ffi::Error::InvalidArgument("the CUDA attention kernels need v's head dim (" +
-                                       std::to_string(vd[3]) + ") equal to q's (" +
-                                       std::to_string(D) + ")");
+                                       std::to_string(s.Dv) + ") equal to q's (" +
+                                       std::to_string(s.D) + ")");
   }
-  JSK_RETURN_IF_ERROR(ExpectShape("v", v, {B, S, K, D}));
-  if (K < 1 || N % K != 0) {
-    return ffi::Error::InvalidArgument("q's heads (" + std::to_string(N) +
-                                       ") must be a multiple of k's heads (" + std::to_string(K) + ")");
-  }
-  if (D != 64 && D != 128) {
-    return ffi::Error::InvalidArgument("head dim D=" + std::to_string(D) +
+  if (s.D != 64 && s.D != 128) {
+    return ffi::Error::InvalidArgument("head dim D=" + std::to_string(s.D) +
                                        " is not supported by the CUDA attention kernels (64 or 128)");
   }
   const int64_t kMax = int64_t(1) << 30;
-  if (B >= kMax || T >= kMax || S >= kMax || N >= kMax) {
+  if (s.B >= kMax || s.T >= kMax || s.S >= kMax || s.N >= kMax) {
     return ffi::Error::InvalidArgument("attention shapes exceed the CUDA kernels' 2^30 limit per axis");
   }
-  *dims = {int(B), int(T), int(S), int(N), int(K), int(D)};
+  *dims = {int(s.B), int(s.T), int(s.S), int(s.N), int(s.K), int(s.D)};
   *bf16 = dt == ffi::DataType::BF16;
   return ffi::Error::Success();
-}
-
-ffi::Error CheckOutputs(const AttentionDims& d, ffi::DataType dt, const ffi::AnyBuffer& o,
-                        const ffi::AnyBuffer& lse, const char* o_name) {
-  JSK_RETURN_IF_ERROR(ExpectShape(o_name, o, {d.B, d.T, d.N, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype(o_name, o, dt));
-  JSK_RETURN_IF_ERROR(ExpectShape("lse", lse, {d.B, d.N, d.T}));
-  return ExpectDtype("lse", lse, ffi::DataType::F32);
 }
 
 ffi::Error WindowMask(const AttentionDims& d, bool causal, int64_t left, int64_t right, MaskSpec* m) {
@@ -154,20 +138,13 @@ ffi::Error Forward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::AnyB
 
 ffi::Error Backward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                     const ffi::AnyBuffer& v, const ffi::AnyBuffer& o, const ffi::AnyBuffer& lse,
-                    const ffi::AnyBuffer& dout, const MaskSpec& mask, const AttentionDims& d,
-                    bool bf16, float scale, ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
-                    ffi::AnyBuffer dq_accum) {
+                    const ffi::AnyBuffer& dout, const MaskSpec& mask, const AttentionShape& shape,
+                    const AttentionDims& d, bool bf16, float scale, ffi::AnyBuffer dq,
+                    ffi::AnyBuffer dk, ffi::AnyBuffer dv, ffi::AnyBuffer dq_accum) {
   const ffi::DataType dt = q.element_type();
-  JSK_RETURN_IF_ERROR(CheckOutputs(d, dt, o, lse, "o"));
-  JSK_RETURN_IF_ERROR(ExpectShape("do", dout, {d.B, d.T, d.N, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("do", dout, dt));
-  JSK_RETURN_IF_ERROR(ExpectShape("dq", dq, {d.B, d.T, d.N, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("dq", dq, dt));
-  JSK_RETURN_IF_ERROR(ExpectShape("dk", dk, {d.B, d.S, d.K, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("dk", dk, dt));
-  JSK_RETURN_IF_ERROR(ExpectShape("dv", dv, {d.B, d.S, d.K, d.D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("dv", dv, dt));
-  JSK_RETURN_IF_ERROR(ExpectShape("dq_accum", dq_accum, {d.B, d.T, d.N, d.D}));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(shape, dt, o, lse));
+  JSK_RETURN_IF_ERROR(CheckAttentionGradients(shape, dt, dout, dq, dk, dv));
+  JSK_RETURN_IF_ERROR(ExpectShape("dq_accum", dq_accum, {shape.B, shape.T, shape.N, shape.D}));
   JSK_RETURN_IF_ERROR(ExpectDtype("dq_accum", dq_accum, ffi::DataType::F32));
   BwdArgs a;
   a.dims = d;
@@ -191,11 +168,12 @@ ffi::Error Backward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::Any
 ffi::Error FlashFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, float scale,
                         bool causal, int64_t window_left, int64_t window_right) {
+  AttentionShape shape;
   AttentionDims d;
   bool bf16;
   MaskSpec mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d, &bf16));
-  JSK_RETURN_IF_ERROR(CheckOutputs(d, q.element_type(), *o, *lse, "o"));
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &shape, &d, &bf16));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(shape, q.element_type(), *o, *lse));
   JSK_RETURN_IF_ERROR(WindowMask(d, causal, window_left, window_right, &mask));
   return Forward(stream, q, k, v, mask, d, bf16, *o, *lse, scale);
 }
@@ -205,23 +183,26 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum,
                         float scale, bool causal, int64_t window_left, int64_t window_right) {
+  AttentionShape shape;
   AttentionDims d;
   bool bf16;
   MaskSpec mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d, &bf16));
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &shape, &d, &bf16));
   JSK_RETURN_IF_ERROR(WindowMask(d, causal, window_left, window_right, &mask));
-  return Backward(stream, q, k, v, o, lse, dout, mask, d, bf16, scale, *dq, *dk, *dv, *dq_accum);
+  return Backward(stream, q, k, v, o, lse, dout, mask, shape, d, bf16, scale, *dq, *dk, *dv,
+                  *dq_accum);
 }
 
 ffi::Error BlockSparseFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                               ffi::AnyBuffer v, ffi::AnyBuffer block_mask,
                               ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
                               float scale, bool causal, int64_t block_q, int64_t block_k) {
+  AttentionShape shape;
   AttentionDims d;
   bool bf16;
   MaskSpec mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d, &bf16));
-  JSK_RETURN_IF_ERROR(CheckOutputs(d, q.element_type(), *o, *lse, "o"));
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &shape, &d, &bf16));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(shape, q.element_type(), *o, *lse));
   JSK_RETURN_IF_ERROR(WindowMask(d, causal, -1, -1, &mask));
   JSK_RETURN_IF_ERROR(BlockMask(d, block_mask, block_q, block_k, &mask));
   return Forward(stream, q, k, v, mask, d, bf16, *o, *lse, scale);
@@ -233,13 +214,15 @@ ffi::Error BlockSparseBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
                               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                               ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum,
                               float scale, bool causal, int64_t block_q, int64_t block_k) {
+  AttentionShape shape;
   AttentionDims d;
   bool bf16;
   MaskSpec mask;
-  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d, &bf16));
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &shape, &d, &bf16));
   JSK_RETURN_IF_ERROR(WindowMask(d, causal, -1, -1, &mask));
   JSK_RETURN_IF_ERROR(BlockMask(d, block_mask, block_q, block_k, &mask));
-  return Backward(stream, q, k, v, o, lse, dout, mask, d, bf16, scale, *dq, *dk, *dv, *dq_accum);
+  return Backward(stream, q, k, v, o, lse, dout, mask, shape, d, bf16, scale, *dq, *dk, *dv,
+                  *dq_accum);
 }
 
 }  // namespace
