@@ -1,5 +1,6 @@
-"""Argument specs shared by the tests and the benchmarks: one description of an attention
-problem, the random inputs it stands for, and the named benchmark presets."""
+"""Shared by the tests and the benchmarks: the argument specs (one description of an
+attention problem, the random inputs it stands for, the named benchmark presets) and the
+comparison helpers the tests use."""
 
 from __future__ import annotations
 
@@ -112,3 +113,35 @@ PRESETS: dict[str, AttentionSpec] = {
     "blocksparse80": AttentionSpec(B=4, T=16384, N=16, D=128, dtype="bfloat16",
                                    block_size=(128, 128), block_density=0.2),
 }
+
+
+# ---- comparison helpers -------------------------------------------------------------
+# Relative-error bounds against a float32 reference, by input dtype.
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 4e-3}
+
+
+def rel_err(x, ref) -> float:
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert np.all(np.isfinite(x)), "result holds NaN or inf"
+    denom = max(np.linalg.norm(ref), 1e-30)
+    return float(np.linalg.norm(x - ref) / denom)
+
+
+def assert_close(x, ref, dtype, factor: float = 1.0, what: str = "result"):
+    tol = TOLERANCE[str(jnp.dtype(dtype))] * factor
+    err = rel_err(x, ref)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+def upcast(*xs):
+    return [jnp.asarray(x, jnp.float32) for x in xs]
+
+
+def hlo_text(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def assert_custom_call(fn, *args, target: str):
+    text = hlo_text(fn, *args)
+    assert target in text, f"lowered HLO does not call the FFI target {target}"

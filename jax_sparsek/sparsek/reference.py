@@ -1,0 +1,124 @@
+"""Pure-JAX reference of SparseK attention (SPEC.md section 4): the definition the kernels are
+tested against. It builds the dense [T, S] gate matrix per (batch, kv head), so it is meant for
+clarity and modest sizes; gradients reach q, k, v and scores by plain autodiff (the scores'
+gradient flows through tau via `sparsek_threshold`'s VJP).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_sparsek._validation import AttentionDims, check_attention_inputs, check_int, check_scale
+from jax_sparsek.sparsek.operator import sparsek_threshold
+
+
+def check_sparsek_inputs(q, k, v, scores, k_select, window, causal, scale):
+    """Validates the arguments of sparsek_attention; returns (dims, k_select, window, causal, scale)."""
+    dims: AttentionDims = check_attention_inputs(q, k, v)
+    if not hasattr(scores, "shape") or not hasattr(scores, "dtype"):
+        raise TypeError(f"scores must be an array, got {type(scores).__name__}")
+    want = (dims.B, dims.S, dims.K)
+    if tuple(scores.shape) != want:
+        raise ValueError(f"scores must have shape [B, S, K] = {list(want)} (one score per key and kv "
+                         f"head), got {tuple(scores.shape)}")
+    if jnp.dtype(scores.dtype) != jnp.float32:
+        raise TypeError(f"scores must be float32, got {jnp.dtype(scores.dtype)}")
+    k_select = check_int("k_select", k_select, 1)
+    window = check_int("window", window, 0)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = check_scale(scale, dims.D)
+    return dims, k_select, window, causal, scale
+
+
+def query_positions(T: int, S: int) -> jax.Array:
+    """p_i = i + S - T: bottom-right alignment of the T queries against the S keys."""
+    return jnp.arange(T) + (S - T)
+
+
+def _selection_order(u):
+    """Key indices sorted by (score, index), largest first (ties: the larger index first)."""
+    idx = jnp.broadcast_to(jnp.arange(u.shape[-1]), u.shape)
+    return jnp.lexsort((-idx, -jax.lax.stop_gradient(u)), axis=-1)
+
+
+def selection(scores, num_queries: int, k_select: int, window: int, causal: bool):
+    """The selection every query makes, densely.
+
+    Returns (tau [B, K, T'], kth [B, K, T'], candidate [T', S], selected [B, K, T', S], window_mask
+    [T, S]) with T' = num_queries when causal and 1 otherwise (one selection shared by all
+    queries). kth is the index of the k_select-th largest candidate, -1 when a query has at
+    most k_select candidates (all selected, tau = -inf).
+    """
+    B, S, K = scores.shape
+    T = num_queries
+    u = jnp.transpose(scores, (0, 2, 1))  # [B, K, S]
+    pos = query_positions(T, S)[:, None]
+    j = jnp.arange(S)[None, :]
+    if causal:
+        window_mask = (j <= pos) & (j > pos - window)
+        candidate = j <= pos - window
+    else:
+        window_mask = jnp.abs(pos - j) < window
+        candidate = jnp.ones((1, S), bool)
+    masked = jnp.where(candidate, u[:, :, None, :], -jnp.inf)  # [B, K, T', S]
+    tau = sparsek_threshold(masked, k_select)
+
+    # Rank candidates in the (score, index) order: the k_select first ones are selected.
+    order = _selection_order(u)[:, :, None, :]  # [B, K, 1, S]
+    cand_sorted = jnp.take_along_axis(jnp.broadcast_to(candidate, masked.shape), order, axis=-1)
+    before = jnp.cumsum(cand_sorted, axis=-1) - cand_sorted  # candidates ranked above
+    sel_sorted = cand_sorted & (before < k_select)
+    selected = jnp.take_along_axis(sel_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    is_kth = cand_sorted & (before == k_select - 1)
+    kth = jnp.where(jnp.sum(cand_sorted, axis=-1) > k_select,
+                    jnp.sum(jnp.where(is_kth, order, 0), axis=-1), -1).astype(jnp.int32)
+    return tau, kth, candidate, selected, window_mask
+
+
+def gates(scores, num_queries: int, k_select: int, window: int, causal: bool):
+    """g [B, K, T, S]: 1 on the window, m_ij = clip(u_j - tau_i, 0, 1) on the selection, 0 else."""
+    B, S, K = scores.shape
+    tau, _, _, selected, window_mask = selection(scores, num_queries, k_select, window, causal)
+    u = jnp.transpose(scores, (0, 2, 1))[:, :, None, :]
+    soft = jnp.clip(u - tau[..., None], 0.0, 1.0)  # tau = -inf gives 1
+    g = jnp.where(window_mask, 1.0, jnp.where(selected, soft, 0.0))
+    return jnp.broadcast_to(g, (B, K, num_queries, S))
+
+
+def sparsek_attention_dense(q, k, v, scores, *, k_select: int, window: int, causal: bool, scale: float):
+    """SparseK attention with no argument checks, in the inputs' precision promoted to at least
+    float32 (float64 inputs under `jax.experimental.enable_x64` compute in float64)."""
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    q32, k32, v32 = (x.astype(acc) for x in (q, k, v))
+    g = gates(scores.astype(jnp.promote_types(scores.dtype, acc)), T, k_select, window, causal)
+    g = g.astype(acc)[:, :, None]  # [B, K, 1, T, S]
+    qg = q32.reshape(B, T, K, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k32) * scale
+    on = g > 0
+    # Softmax of s + log g over the positive gates, shifted by the row max for stability.
+    row_max = jax.lax.stop_gradient(jnp.max(jnp.where(on, s, -jnp.inf), axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    w = jnp.where(on, g * jnp.exp(jnp.where(on, s, row_max) - row_max), 0.0)
+    denom = jnp.sum(w, axis=-1, keepdims=True)
+    p = w / jnp.where(denom > 0, denom, 1.0)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v32)
+    return o.reshape(B, T, N, v.shape[-1]).astype(q.dtype)
+
+
+def sparsek_attention(q, k, v, scores, *, k_select: int, window: int, causal: bool = True,
+                      scale: float | None = None):
+    """Reference SparseK attention (SPEC.md section 4).
+
+    q [B, T, N, D], k [B, S, K, D], v [B, S, K, Dv], scores float32 [B, S, K]. Each query attends
+    its local window (gate 1) and the k_select best candidates before it (gate m_ij from the
+    SparseK projection of the candidates' scores), softmax weighted by the gates.
+    """
+    _, k_select, window, causal, scale = check_sparsek_inputs(q, k, v, scores, k_select, window,
+                                                              causal, scale)
+    return sparsek_attention_dense(q, k, v, scores, k_select=k_select, window=window,
+                                   causal=causal, scale=scale)
