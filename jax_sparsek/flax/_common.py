@@ -21,6 +21,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+import jax_sparsek
+
 PARAM_NAMES = ("q_kernel", "k_kernel", "v_kernel", "out_kernel", "score_kernel", "score_slope")
 
 
@@ -160,56 +162,15 @@ def check_input(x, cfg: AttentionConfig):
 
 def forward(params, x, cfg: AttentionConfig):
     """The full layer over a sequence starting at position 0: x [B, T, E] -> [B, T, E]."""
-    from jax_sparsek import sparsek_attention  # lazy: the op module loads on first use
-
     check_input(x, cfg)
     positions = jnp.arange(x.shape[1])
     q, k, v = project_qkv(params, x, positions, cfg)
     scores = project_scores(params, x, positions)
-    o = sparsek_attention(q, k, v, scores, k_select=cfg.k_select, window=cfg.window,
-                          causal=cfg.causal, implementation=cfg.implementation)
+    # implementation=None is the op's own default, so it is only passed when set.
+    extra = {} if cfg.implementation is None else {"implementation": cfg.implementation}
+    o = jax_sparsek.sparsek_attention(q, k, v, scores, k_select=cfg.k_select, window=cfg.window,
+                                      causal=cfg.causal, **extra)
     return project_out(params, o, cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Soft top-k threshold over a masked buffer
-
-
-def masked_threshold(u, valid, k: int, iterations: int = 32):
-    """tau with sum_j valid_j * clip(u_j - tau, 0, 1) = k over the last axis (SPEC section 3),
-    -inf where at most k entries are valid (every gate is then 1).
-
-    Written for the decode cache, whose buffers hold a varying number of valid entries.
-    With theta the k-th largest valid entry, tau = theta + s with s in [-1, 0): bisect s,
-    then solve exactly on the linear piece the bracket ends on. Working with u - theta keeps
-    every sum small, so float32 rounding stays at the level of the entries themselves.
-    """
-    n_valid = jnp.sum(valid, axis=-1)
-    masked = jnp.where(valid, u, -jnp.inf)
-    k_eff = min(k, u.shape[-1])
-    theta = jax.lax.top_k(masked, k_eff)[0][..., -1]
-    theta_safe = jnp.where(jnp.isfinite(theta), theta, 0.0)
-    d = jnp.where(valid, jnp.clip(u - theta_safe[..., None], -2.0, 2.0), -2.0)
-
-    def mass(s):  # sum of the gates at tau = theta + s
-        return jnp.sum(jnp.clip(d - s[..., None], 0.0, 1.0), axis=-1)
-
-    def halve(_, bracket):
-        lo, hi = bracket  # mass(lo) >= k > mass(hi)
-        mid = 0.5 * (lo + hi)
-        above = mass(mid) >= k
-        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-    lo0 = jnp.full(theta.shape, -1.0, jnp.float32)
-    lo, hi = jax.lax.fori_loop(0, iterations, halve, (lo0, jnp.zeros_like(lo0)))
-    s_mid = 0.5 * (lo + hi)
-    # On the linear piece around s_mid: keys with d >= s + 1 give 1, keys in (s, s + 1) give d - s.
-    full = jnp.sum(d >= s_mid[..., None] + 1.0, axis=-1)
-    partial = (d > s_mid[..., None]) & (d < s_mid[..., None] + 1.0)
-    n_partial = jnp.sum(partial, axis=-1)
-    sum_partial = jnp.sum(jnp.where(partial, d, 0.0), axis=-1)
-    s = jnp.where(n_partial > 0, (full + sum_partial - k) / jnp.maximum(n_partial, 1), s_mid)
-    return jnp.where(n_valid > k, theta_safe + s, -jnp.inf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +288,7 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
     overflowed = cache.overflowed | (needed & full)
 
     n_candidates = cache.pos - cfg.window + 1  # including the newcomer, when it arrives
-    valid = jnp.isfinite(buf)
-    tau = masked_threshold(buf, valid, cfg.k_select)
+    tau = jax_sparsek.sparsek_threshold(buf, cfg.k_select)  # -inf entries are not candidates
     tau = jnp.where(arrives & (n_candidates > cfg.k_select), tau, cache.tau)
     buf = jnp.where(buf > tau[..., None], buf, -jnp.inf)  # these can never matter again
     return cache.replace(select_k=select_k, select_v=select_v, select_score=select_score,
@@ -435,7 +395,7 @@ def prefill(params, x, cfg: AttentionConfig, cache_dtype=None):
                           select_score=pad(top_u, -jnp.inf),
                           select_pos=pad(top_pos.astype(jnp.int32), -1))
     # Score buffer: the candidates above tau, the highest C of them.
-    tau = masked_threshold(cand_u, jnp.ones(cand_u.shape, bool), S)
+    tau = jax_sparsek.sparsek_threshold(cand_u, S)
     kept = jax.lax.top_k(cand_u, min(C, n))[0]
     kept = jnp.where(kept > tau[..., None], kept, -jnp.inf)
     overflowed = jnp.sum(cand_u > tau[..., None], axis=-1) > C
