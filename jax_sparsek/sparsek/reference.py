@@ -82,7 +82,11 @@ def gates(scores, num_queries: int, k_select: int, window: int, causal: bool):
     B, S, K = scores.shape
     tau, _, _, selected, window_mask = selection(scores, num_queries, k_select, window, causal)
     u = jnp.transpose(scores, (0, 2, 1))[:, :, None, :]
-    soft = jnp.clip(u - tau[..., None], 0.0, 1.0)  # tau = -inf gives 1
+    # clip(u - tau, 0, 1) with derivative 1 only strictly inside (0, 1), as the operator's VJP:
+    # jnp.clip would give 1/2 at a bound, and with a flat f the root sits exactly where the
+    # k-th key's m is 1 (there the output is locally constant in u).
+    d = u - tau[..., None]  # tau = -inf gives +inf: m = 1
+    soft = jnp.where(d >= 1.0, 1.0, jnp.where(d <= 0.0, 0.0, d))
     g = jnp.where(window_mask, 1.0, jnp.where(selected, soft, 0.0))
     return jnp.broadcast_to(g, (B, K, num_queries, S))
 
