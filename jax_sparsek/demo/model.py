@@ -54,10 +54,9 @@ class FlashAttentionLayer(nnx.Module):
         params = {n: getattr(self, n)[...] for n in ("q_kernel", "k_kernel", "v_kernel",
                                                      "out_kernel")}
         q, k, v = _common.project_qkv(params, x, jnp.arange(x.shape[1]), self.config)
-        extra = {} if self.config.implementation is None else {
-            "implementation": self.config.implementation}
         window = None if self.window is None else (self.window - 1, 0)
-        o = jax_sparsek.flash_attention(q, k, v, causal=True, window=window, **extra)
+        o = jax_sparsek.flash_attention(q, k, v, causal=True, window=window,
+                                          implementation=self.config.implementation)
         return _common.project_out(params, o, self.config)
 
 

@@ -166,10 +166,8 @@ def forward(params, x, cfg: AttentionConfig):
     positions = jnp.arange(x.shape[1])
     q, k, v = project_qkv(params, x, positions, cfg)
     scores = project_scores(params, x, positions)
-    # implementation=None is the op's own default, so it is only passed when set.
-    extra = {} if cfg.implementation is None else {"implementation": cfg.implementation}
     o = jax_sparsek.sparsek_attention(q, k, v, scores, k_select=cfg.k_select, window=cfg.window,
-                                      causal=cfg.causal, **extra)
+                                      causal=cfg.causal, implementation=cfg.implementation)
     return project_out(params, o, cfg)
 
 
