@@ -6,10 +6,10 @@
 // row never touches the other S - window - k_select keys: the cost is linear in S.
 //
 // Per query the visited keys are the window (gate 1) then the selected keys outside the window
-// (gate m_ij = clip(u_j - tau_i, 0, 1)); their rows are gathered into contiguous float buffers
-// and the gate enters the softmax as log(g) added to the logit.
+// (gate m_ij = clip(u_j - tau_i, 0, 1)); the softmax weights are g_ij exp(s_ij - max_i).
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "sparsek/sparsek_cpu.h"
 
@@ -41,9 +41,24 @@ inline void Axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
-template <typename T>
-inline void LoadRow(const T* src, int64_t n, float* dst) {
-  for (int64_t d = 0; d < n; ++d) dst[d] = ToFloat(src[d]);
+// exp(x), branch-free so that loops over it vectorize (libm's expf does not): x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error below 2e-9 before
+// rounding), 2^n through the exponent bits. Below -87 it flushes to 0; above 88 it saturates at
+// e^88 (softmax arguments here are s - max <= 0, or s - lse, which a tiny gate can make positive).
+inline float FastExp(float x) {
+  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::nearbyint(clamped * 1.4426950408889634f);
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 hi + lo
+  float poly = 1.0f / 5040.0f;
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const float scale = FloatFromBits(uint32_t(int32_t(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : poly * scale;
 }
 
 // Strides of the [B, S, K, *] and [B, T, N, *] layouts.
@@ -57,18 +72,49 @@ struct Layout {
   }
 };
 
-// The keys query i visits, with their gates, gathered as float rows.
+// Float rows of one operand: float32 inputs are read in place, 16-bit ones converted once.
+template <typename T>
+struct FloatRows {
+  const T* base;
+  std::vector<float> converted;
+  // Row pointers for `rows`, each `width` floats at base + offset(row).
+  template <typename Offset>
+  void Collect(const std::vector<int32_t>& rows, int64_t width, Offset offset,
+               std::vector<const float*>* out) {
+    out->resize(rows.size());
+    if constexpr (std::is_same_v<T, float>) {
+      for (size_t l = 0; l < rows.size(); ++l) (*out)[l] = base + offset(rows[l]);
+    } else {
+      converted.resize(rows.size() * width);
+      for (size_t l = 0; l < rows.size(); ++l) {
+        const T* src = base + offset(rows[l]);
+        float* dst = &converted[l * width];
+        for (int64_t d = 0; d < width; ++d) dst[d] = ToFloat(src[d]);
+        (*out)[l] = dst;
+      }
+    }
+  }
+};
+
+template <typename T>
+inline void LoadRow(const T* src, int64_t n, float* dst) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = ToFloat(src[d]);
+}
+
+// The keys query i visits with their gates, and float views of their k and v rows.
+template <typename T>
 struct KeyBlock {
   std::vector<int32_t> index;
   std::vector<float> gate;
   std::vector<uint8_t> soft;  // selected with 0 < m_ij < 1: its gate depends on the scores
-  std::vector<float> k, v;    // [len, D], [len, Dv]
+  std::vector<const float*> k, v;
+  FloatRows<T> k_rows, v_rows;
   int64_t len = 0;
 
-  template <typename T>
+  KeyBlock(const T* k_in, const T* v_in) : k_rows{k_in, {}}, v_rows{v_in, {}} {}
+
   void Gather(const Problem& p, const Layout& at, int64_t b, int64_t h, int64_t i,
-              const SelectedSet& selected, const float* u, float tau, const T* k_in,
-              const T* v_in) {
+              const SelectedSet& selected, const float* u, float tau) {
     index.clear();
     gate.clear();
     soft.clear();
@@ -88,12 +134,8 @@ struct KeyBlock {
       soft.push_back(InSupport(u[j], tau) ? 1 : 0);
     }
     len = int64_t(index.size());
-    k.resize(len * p.D);
-    v.resize(len * p.Dv);
-    for (int64_t l = 0; l < len; ++l) {
-      LoadRow(k_in + at.key(b, index[l], h, p.D), p.D, &k[l * p.D]);
-      LoadRow(v_in + at.key(b, index[l], h, p.Dv), p.Dv, &v[l * p.Dv]);
-    }
+    k_rows.Collect(index, p.D, [&](int32_t j) { return at.key(b, j, h, p.D); }, &k);
+    v_rows.Collect(index, p.Dv, [&](int32_t j) { return at.key(b, j, h, p.Dv); }, &v);
   }
 };
 
@@ -113,34 +155,37 @@ JSK_MULTIVERSION void ForwardItem(const Problem& p, int64_t b, int64_t h, const 
   const float* tau_row = tau + (b * p.K + h) * p.T;
   const int32_t* kth_row = kth + (b * p.K + h) * p.T;
   SelectedSet selected(u.data());
-  KeyBlock keys;
-  std::vector<float> qf(D), logits, acc(Dv);
+  KeyBlock<T> keys(k, v);
+  std::vector<float> qf(D), logits, weights, acc(Dv);
   for (int64_t i = 0; i < p.T; ++i) {
     selected.Advance(p.NumCandidates(i), kth_row[i]);
-    keys.Gather(p, at, b, h, i, selected, u.data(), tau_row[i], k, v);
-    logits.resize(keys.len);
+    keys.Gather(p, at, b, h, i, selected, u.data(), tau_row[i]);
+    const int64_t len = keys.len;
+    logits.resize(len);
+    weights.resize(len);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t head = h * G + g;
       T* o_row = o + at.query(b, i, head, Dv);
       float* lse_out = lse + (b * p.N + head) * p.T + i;
-      if (keys.len == 0) {  // no visible key: zero output
+      if (len == 0) {  // no visible key: zero output
         for (int64_t d = 0; d < Dv; ++d) o_row[d] = FromFloat<T>(0.0f);
         *lse_out = kNegInf;
         continue;
       }
       LoadRow(q + at.query(b, i, head, D), D, qf.data());
       float row_max = kNegInf;
-      for (int64_t l = 0; l < keys.len; ++l) {
-        logits[l] = p.scale * Dot(qf.data(), &keys.k[l * D], D) + std::log(keys.gate[l]);
+      for (int64_t l = 0; l < len; ++l) {
+        logits[l] = p.scale * Dot(qf.data(), keys.k[l], D);
         row_max = std::max(row_max, logits[l]);
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      // Weights g_ij exp(s_ij - max); every listed gate is positive, so sum > 0.
       float sum = 0.0f;
-      for (int64_t l = 0; l < keys.len; ++l) {
-        const float e = std::exp(logits[l] - row_max);
-        sum += e;
-        Axpy(e, &keys.v[l * Dv], acc.data(), Dv);
+      for (int64_t l = 0; l < len; ++l) {
+        weights[l] = keys.gate[l] * FastExp(logits[l] - row_max);
+        sum += weights[l];
       }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t l = 0; l < len; ++l) Axpy(weights[l], keys.v[l], acc.data(), Dv);
       const float inv = 1.0f / sum;
       for (int64_t d = 0; d < Dv; ++d) o_row[d] = FromFloat<T>(acc[d] * inv);
       *lse_out = row_max + std::log(sum);
@@ -167,16 +212,19 @@ JSK_MULTIVERSION void BackwardItem(const Problem& p, int64_t b, int64_t h, const
   std::vector<float> dk_acc(S * D, 0.0f), dv_acc(S * Dv, 0.0f);
   std::vector<double> du(S, 0.0), mask_grad(p.T, 0.0);  // mask_grad[i] = G_i
   SelectedSet selected(u.data());
-  KeyBlock keys;
-  std::vector<float> qf(D), dof(Dv), of(Dv), dq_acc(D);
+  KeyBlock<T> keys(k, v);
+  std::vector<float> qf(D), dof(Dv), of(Dv), dq_acc(D), expo, dp;
   for (int64_t i = 0; i < p.T; ++i) {
     selected.Advance(p.NumCandidates(i), kth_row[i]);
-    keys.Gather(p, at, b, h, i, selected, u.data(), tau_row[i], k, v);
+    keys.Gather(p, at, b, h, i, selected, u.data(), tau_row[i]);
+    const int64_t len = keys.len;
+    expo.resize(len);
+    dp.resize(len);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t head = h * G + g;
       T* dq_row = dq + at.query(b, i, head, D);
       const float row_lse = lse[(b * p.N + head) * p.T + i];
-      if (keys.len == 0 || !(row_lse > kNegInf)) {
+      if (len == 0 || !(row_lse > kNegInf)) {
         for (int64_t d = 0; d < D; ++d) dq_row[d] = FromFloat<T>(0.0f);
         continue;
       }
@@ -184,20 +232,23 @@ JSK_MULTIVERSION void BackwardItem(const Problem& p, int64_t b, int64_t h, const
       LoadRow(dout + at.query(b, i, head, Dv), Dv, dof.data());
       LoadRow(o + at.query(b, i, head, Dv), Dv, of.data());
       const float delta = Dot(dof.data(), of.data(), Dv);
+      // exp(s_ij - lse_i) and do_i . v_j - delta_i for every visited key.
+      for (int64_t l = 0; l < len; ++l) {
+        expo[l] = p.scale * Dot(qf.data(), keys.k[l], D) - row_lse;
+        dp[l] = Dot(dof.data(), keys.v[l], Dv) - delta;
+      }
+      for (int64_t l = 0; l < len; ++l) expo[l] = FastExp(expo[l]);
       std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
       double row_mask_grad = 0.0;
-      for (int64_t l = 0; l < keys.len; ++l) {
+      for (int64_t l = 0; l < len; ++l) {
         const int64_t j = keys.index[l];
-        const float* k_row = &keys.k[l * D];
-        const float e = std::exp(p.scale * Dot(qf.data(), k_row, D) - row_lse);
-        const float pij = keys.gate[l] * e;
-        const float dp = Dot(dof.data(), &keys.v[l * Dv], Dv) - delta;
-        const float ds = pij * dp;
+        const float pij = keys.gate[l] * expo[l];
+        const float ds = pij * dp[l];
         Axpy(pij, dof.data(), &dv_acc[j * Dv], Dv);
-        Axpy(ds, k_row, dq_acc.data(), D);
+        Axpy(ds, keys.k[l], dq_acc.data(), D);
         Axpy(p.scale * ds, qf.data(), &dk_acc[j * D], D);
-        if (keys.soft[l]) {
-          const double dm = double(e) * double(dp);
+        if (keys.soft[l]) {  // dL/dm_ij
+          const double dm = double(expo[l]) * double(dp[l]);
           du[j] += dm;
           row_mask_grad += dm;
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from jax_sparsek import _ffi
 from jax_sparsek.sparsek import ffi as _sparsek_ffi
 from jax_sparsek.sparsek import reference as _reference
@@ -34,3 +36,15 @@ def sparsek_attention(q, k, v, scores, *, k_select: int, window: int, causal: bo
         return _reference.sparsek_attention_dense(q, k, v, scores, k_select=k_select,
                                                   window=window, causal=causal, scale=scale)
     return _sparsek_ffi.sparsek_attention_ffi(q, k, v, scores, k_select, window, causal, scale)
+
+
+class _CallableModule(type(_ffi)):
+    """`jax_sparsek.sparsek` names both this subpackage and the operator `sparsek`: once the
+    subpackage is imported, Python binds the package attribute to the module, so the module
+    itself also behaves as the operator (jax_sparsek.sparsek(u, k) works in any import order)."""
+
+    def __call__(self, u, k):
+        return sparsek(u, k)
+
+
+sys.modules[__name__].__class__ = _CallableModule

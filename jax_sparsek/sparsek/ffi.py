@@ -30,10 +30,11 @@ _O, _LSE = ("b", "t", "n", "e"), ("b", "n", "t")
 
 def _raw_call(target, results, operands, dims_in, dims_out, sizes, attrs):
     """One FFI call, vmap folded into the batch axis; sharded over batch and heads by the
-    named dims (None: no sharding rule, the call sees whole arrays)."""
-    call = jax.ffi.ffi_call(target, results, vmap_method="sequential")
+    named dims (None: no sharding rule, the call sees whole arrays). `results(*operands)`
+    gives the result types (evaluated on the folded operands under vmap)."""
 
     def run(*ops):
+        call = jax.ffi.ffi_call(target, results(*ops), vmap_method="sequential")
         fn = lambda *xs: tuple(call(*xs, **attrs))
         if dims_in is not None:
             fn = partitioned(fn, dims_in, dims_out, sizes={"b": ops[0].shape[0], **sizes},
@@ -45,9 +46,11 @@ def _raw_call(target, results, operands, dims_in, dims_out, sizes, attrs):
 
 def select(scores, *, num_queries: int, k_select: int, window: int, causal: bool):
     """(tau f32 [B, K, T], kth s32 [B, K, T]) for scores f32 [B, S, K]."""
-    B, S, K = scores.shape
-    results = (_ffi.result_like(scores, (B, K, num_queries), jnp.float32),
-               _ffi.result_like(scores, (B, K, num_queries), jnp.int32))
+    def results(scores):
+        B, _, K = scores.shape
+        return (_ffi.result_like(scores, (B, K, num_queries), jnp.float32),
+                _ffi.result_like(scores, (B, K, num_queries), jnp.int32))
+
     attrs = dict(k_select=np.int64(k_select), window=np.int64(window), causal=bool(causal),
                  num_queries=np.int64(num_queries))
     return _raw_call(SELECT_TARGET, results, (scores,), None, None, None, attrs)
@@ -60,17 +63,22 @@ def _attrs(scale, k_select, window, causal):
 
 def forward(q, k, v, scores, tau, kth, *, scale, k_select, window, causal):
     """(o [B, T, N, Dv] in q's dtype, lse f32 [B, N, T])."""
-    B, T, N, _ = q.shape
-    results = (_ffi.result_like(q, (B, T, N, v.shape[3])), _ffi.result_like(q, (B, N, T), jnp.float32))
+    def results(q, k, v, *_):
+        B, T, N, _ = q.shape
+        return (_ffi.result_like(q, (B, T, N, v.shape[3])),
+                _ffi.result_like(q, (B, N, T), jnp.float32))
+
     return _raw_call(FWD_TARGET, results, (q, k, v, scores, tau, kth),
-                     [_Q, _KV, _V, _SCORES, _SEL, _SEL], [_O, _LSE], {"n": N, "k": k.shape[2]},
+                     [_Q, _KV, _V, _SCORES, _SEL, _SEL], [_O, _LSE], {"n": q.shape[2], "k": k.shape[2]},
                      _attrs(scale, k_select, window, causal))
 
 
 def backward(q, k, v, scores, tau, kth, o, lse, do, *, scale, k_select, window, causal):
     """(dq, dk, dv in the dtypes of q, k, v; dscores f32 [B, S, K])."""
-    results = (_ffi.result_like(q), _ffi.result_like(k), _ffi.result_like(v),
-               _ffi.result_like(scores, dtype=jnp.float32))
+    def results(q, k, v, scores, *_):
+        return (_ffi.result_like(q), _ffi.result_like(k), _ffi.result_like(v),
+                _ffi.result_like(scores, dtype=jnp.float32))
+
     return _raw_call(BWD_TARGET, results, (q, k, v, scores, tau, kth, o, lse, do),
                      [_Q, _KV, _V, _SCORES, _SEL, _SEL, _O, _LSE, _O], [_Q, _KV, _V, _SCORES],
                      {"n": q.shape[2], "k": k.shape[2]}, _attrs(scale, k_select, window, causal))

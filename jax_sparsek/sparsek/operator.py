@@ -3,8 +3,8 @@
 
 `m = clip(u - tau, 0, 1)` with `tau` the root of f(t) = sum_j clip(u_j - t, 0, 1) = k.
 f is continuous, nonincreasing and piecewise linear with breakpoints at every u_j and u_j - 1,
-so after one sort the root is found exactly: evaluate f at every breakpoint (prefix sums and
-binary searches), take the last breakpoint where f >= k, and solve the linear piece after it.
+so the root is found exactly in O(n log n): sort the breakpoints, binary-search the last one
+where f >= k (each probe an exact O(n) sum), and solve the linear piece after it.
 Where f is flat at k the largest root is returned (any root gives the same m).
 
 Entries equal to -inf are not candidates: m = 0 there and they never enter the support.
@@ -13,8 +13,11 @@ When at most k entries are finite, every finite entry gets m = 1 and tau = -inf.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_sparsek._validation import check_int
 
@@ -26,35 +29,38 @@ def _threshold_row(u: jax.Array, k: int) -> jax.Array:
         return jnp.full((), -jnp.inf, u.dtype)
     a = jnp.sort(u)  # ascending; the -inf entries come first
     finite_count = jnp.sum(a > -jnp.inf)
-    # Work relative to theta, the k-th largest entry: tau lies in [theta - 1, theta), so the
-    # centred values near the root are O(1) and the prefix sums lose little precision.
+    # Work relative to theta, the k-th largest entry: tau lies in [theta - 1, theta).
     theta = a[n - k]
-    center = jnp.where(jnp.isfinite(theta), theta, 0.0).astype(u.dtype)
-    x = a - center  # sorted, -inf kept
-    xf = jnp.where(x > -jnp.inf, x, 0.0)
-    prefix = jnp.concatenate([jnp.zeros((1,), u.dtype), jnp.cumsum(xf)])
-
-    def f_at(t):
-        # f(t) = #{x >= t + 1} + sum_{t < x < t + 1} (x - t)
-        lo = jnp.searchsorted(x, t, side="right")
-        hi = jnp.searchsorted(x, t + 1, side="left")
-        return (n - hi) + (prefix[hi] - prefix[lo]) - t * (hi - lo)
-
-    breakpoints = jnp.sort(jnp.concatenate([x, x - 1]))
-    f_vals = jax.vmap(f_at)(breakpoints)
-    f_vals = jnp.where(breakpoints > -jnp.inf, f_vals, jnp.inf)  # -inf breakpoints: f = #finite
-    last = jnp.clip(jnp.sum(f_vals >= k) - 1, 0, 2 * n - 2)
-    t_lo, t_hi = breakpoints[last], breakpoints[last + 1]
-    # On (t_lo, t_hi) the support M = {t < x < t + 1} is fixed, f has slope -|M|, so
-    # tau = t_lo + (f(t_lo) - k) / |M|; f(t_lo) is re-evaluated directly (no prefix sums).
+    x = a - jnp.where(jnp.isfinite(theta), theta, 0.0).astype(u.dtype)
     valid = x > -jnp.inf
-    f_lo = jnp.sum(jnp.where(valid, jnp.clip(x - t_lo, 0.0, 1.0), 0.0))
+
+    def f(t):  # exact sum; nonincreasing in t also in floating point
+        return jnp.sum(jnp.where(valid, jnp.clip(x - t, 0.0, 1.0), 0.0))
+
+    # Binary search over the sorted breakpoints for the last one with f >= k. The first one
+    # is min(x) - 1 (or -inf), where f counts every finite entry (> k); the last is max(x),
+    # where f = 0 < k. Equal breakpoints have equal f, so t_lo < t_hi at the end.
+    breakpoints = jnp.sort(jnp.concatenate([x, x - 1]))
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        above = f(breakpoints[mid]) >= k
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    steps = int(np.ceil(np.log2(2 * n)))
+    lo, hi = jax.lax.fori_loop(0, steps, halve, (jnp.int32(0), jnp.int32(2 * n - 1)))
+    t_lo, t_hi = breakpoints[lo], breakpoints[hi]
+    # On (t_lo, t_hi) the support M = {t < x < t + 1} is fixed and f has slope -|M|; where
+    # M is empty f is flat at k and t_lo is the right end of that flat piece.
     support = jnp.sum(valid & (x >= t_hi) & (x - 1 <= t_lo))
-    step = (f_lo - k) / jnp.maximum(support, 1)
-    tau = jnp.where(support > 0, jnp.clip(t_lo + step, t_lo, t_hi), t_lo) + center
+    step = (f(t_lo) - k) / jnp.maximum(support, 1)
+    tau_x = jnp.where(support > 0, jnp.clip(t_lo + step, t_lo, t_hi), t_lo)
+    tau = tau_x + jnp.where(jnp.isfinite(theta), theta, 0.0)
     return jnp.where(finite_count > k, tau, -jnp.inf).astype(u.dtype)
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one compiled program, also when called eagerly
 def _threshold(u: jax.Array, k: int) -> jax.Array:
     lead = u.shape[:-1]
     rows = u.reshape((-1, u.shape[-1]))
@@ -97,6 +103,7 @@ def _threshold_bwd(k, res, g):
 
 _threshold_vjp = jax.custom_vjp(_threshold, nondiff_argnums=(1,))
 _threshold_vjp.defvjp(_threshold_fwd, _threshold_bwd)
+_threshold_jit = jax.jit(_threshold_vjp, static_argnums=1)
 
 
 def sparsek_threshold(u: jax.Array, k: int) -> jax.Array:
@@ -108,7 +115,7 @@ def sparsek_threshold(u: jax.Array, k: int) -> jax.Array:
     """
     u = jnp.asarray(u)
     k = _check(u, k)
-    return _threshold_vjp(u, k)
+    return _threshold_jit(u, k)
 
 
 # ---- sparsek ------------------------------------------------------------------------
@@ -133,6 +140,7 @@ def _sparsek_bwd(k, res, g):
 
 _sparsek_vjp = jax.custom_vjp(_sparsek, nondiff_argnums=(1,))
 _sparsek_vjp.defvjp(_sparsek_fwd, _sparsek_bwd)
+_sparsek_jit = jax.jit(_sparsek_vjp, static_argnums=1)
 
 
 def sparsek(u: jax.Array, k: int) -> jax.Array:
@@ -144,4 +152,4 @@ def sparsek(u: jax.Array, k: int) -> jax.Array:
     """
     u = jnp.asarray(u)
     k = _check(u, k)
-    return _sparsek_vjp(u, k)
+    return _sparsek_jit(u, k)

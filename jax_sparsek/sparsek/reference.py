@@ -6,6 +6,8 @@ gradient flows through tau via `sparsek_threshold`'s VJP).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -91,6 +93,7 @@ def gates(scores, num_queries: int, k_select: int, window: int, causal: bool):
     return jnp.broadcast_to(g, (B, K, num_queries, S))
 
 
+@functools.partial(jax.jit, static_argnames=("k_select", "window", "causal", "scale"))
 def sparsek_attention_dense(q, k, v, scores, *, k_select: int, window: int, causal: bool, scale: float):
     """SparseK attention with no argument checks, in the inputs' precision promoted to at least
     float32 (float64 inputs under `jax.experimental.enable_x64` compute in float64)."""
