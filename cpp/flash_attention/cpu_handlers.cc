@@ -1,0 +1,259 @@
+// XLA FFI bindings of the CPU attention kernels:
+//   jax_sparsek_flash_fwd / _bwd               (causal and window bounds)
+//   jax_sparsek_block_sparse_fwd / _bwd        (a block mask, optionally causal)
+// Handlers check every shape and dtype and return InvalidArgument on a mismatch.
+#include <cmath>
+#include <string>
+
+#include "common/ffi_helpers.h"
+#include "common/registry.h"
+#include "flash_attention/cpu_kernels.h"
+
+namespace jax_sparsek::flash {
+namespace {
+
+std::string Str(int64_t x) { return std::to_string(x); }
+
+ffi::Error CheckInputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                       Dims* d) {
+  int64_t qd[4], kd[4], vd[4];
+  JSK_RETURN_IF_ERROR(GetDims("q", q, qd));
+  JSK_RETURN_IF_ERROR(GetDims("k", k, kd));
+  JSK_RETURN_IF_ERROR(GetDims("v", v, vd));
+  *d = Dims{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3]};
+  if (kd[0] != d->B || kd[3] != d->D)
+    return ffi::Error::InvalidArgument("k must have shape [B=" + Str(d->B) + ", S, K, D=" +
+                                       Str(d->D) + "], got " + ShapeString(k.dimensions()));
+  JSK_RETURN_IF_ERROR(ExpectShape("v", v, {d->B, d->S, d->K, d->Dv}));
+  if (d->K <= 0 || d->N % d->K != 0)
+    return ffi::Error::InvalidArgument("the number of query heads N=" + Str(d->N) +
+                                       " must be a multiple of the number of kv heads K=" +
+                                       Str(d->K));
+  const ffi::DataType dtype = q.element_type();
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16)
+    return ffi::Error::InvalidArgument(std::string("q must be float32, bfloat16 or float16, got ") +
+                                       DtypeName(dtype));
+  JSK_RETURN_IF_ERROR(ExpectDtype("k", k, dtype));
+  JSK_RETURN_IF_ERROR(ExpectDtype("v", v, dtype));
+  return ffi::Error::Success();
+}
+
+// o [B, T, N, Dv] in q's dtype and lse [B, N, T] float32: results of the forward,
+// operands of the backward.
+ffi::Error CheckOutputAndLse(const Dims& d, ffi::DataType dtype, const ffi::AnyBuffer& o,
+                             const ffi::AnyBuffer& lse) {
+  JSK_RETURN_IF_ERROR(ExpectShape("o", o, {d.B, d.T, d.N, d.Dv}));
+  JSK_RETURN_IF_ERROR(ExpectDtype("o", o, dtype));
+  JSK_RETURN_IF_ERROR(ExpectShape("lse", lse, {d.B, d.N, d.T}));
+  return ExpectDtype("lse", lse, ffi::DataType::F32);
+}
+
+ffi::Error CheckGradients(const Dims& d, ffi::DataType dtype, const ffi::AnyBuffer& dout,
+                          const ffi::AnyBuffer& dq, const ffi::AnyBuffer& dk,
+                          const ffi::AnyBuffer& dv, const ffi::AnyBuffer& dq_accum) {
+  JSK_RETURN_IF_ERROR(ExpectShape("do", dout, {d.B, d.T, d.N, d.Dv}));
+  JSK_RETURN_IF_ERROR(ExpectDtype("do", dout, dtype));
+  JSK_RETURN_IF_ERROR(ExpectShape("dq", dq, {d.B, d.T, d.N, d.D}));
+  JSK_RETURN_IF_ERROR(ExpectDtype("dq", dq, dtype));
+  JSK_RETURN_IF_ERROR(ExpectShape("dk", dk, {d.B, d.S, d.K, d.D}));
+  JSK_RETURN_IF_ERROR(ExpectDtype("dk", dk, dtype));
+  JSK_RETURN_IF_ERROR(ExpectShape("dv", dv, {d.B, d.S, d.K, d.Dv}));
+  JSK_RETURN_IF_ERROR(ExpectDtype("dv", dv, dtype));
+  JSK_RETURN_IF_ERROR(ExpectShape("dq_accum", dq_accum, {d.B, d.T, d.N, d.D}));
+  return ExpectDtype("dq_accum", dq_accum, ffi::DataType::F32);
+}
+
+ffi::Error CheckScale(float scale) {
+  if (std::isfinite(scale)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
+}
+
+ffi::Error MakeDenseMask(const Dims& d, bool causal, int64_t left, int64_t right, DenseMask* out) {
+  if (left < -1 || right < -1)
+    return ffi::Error::InvalidArgument("window_left and window_right must be >= 0, or -1 for "
+                                       "unbounded; got " + Str(left) + ", " + Str(right));
+  *out = DenseMask{KeyRange{d.T, d.S, causal, left, right}};
+  return ffi::Error::Success();
+}
+
+ffi::Error MakeBlockMask(const Dims& d, const ffi::AnyBuffer& mask, bool causal, int64_t block_q,
+                         int64_t block_k, BlockMask* out) {
+  if (block_q <= 0 || block_k <= 0)
+    return ffi::Error::InvalidArgument("block_q and block_k must be positive, got " +
+                                       Str(block_q) + ", " + Str(block_k));
+  int64_t md[4];
+  JSK_RETURN_IF_ERROR(GetDims("block_mask", mask, md));
+  JSK_RETURN_IF_ERROR(ExpectDtype("block_mask", mask, ffi::DataType::PRED));
+  const int64_t q_blocks = CeilDiv(d.T, block_q), k_blocks = CeilDiv(d.S, block_k);
+  const bool batch_ok = md[0] == d.B || md[0] == 1;
+  const bool heads_ok = md[1] == d.N || md[1] == d.K || md[1] == 1;
+  if (!batch_ok || !heads_ok || md[2] != q_blocks || md[3] != k_blocks)
+    return ffi::Error::InvalidArgument(
+        "block_mask must have shape [B=" + Str(d.B) + " or 1, N=" + Str(d.N) + " or K=" +
+        Str(d.K) + " or 1, ceil(T/block_q)=" + Str(q_blocks) + ", ceil(S/block_k)=" +
+        Str(k_blocks) + "], got " + ShapeString(mask.dimensions()));
+  *out = BlockMask{KeyRange{d.T, d.S, causal, -1, -1},
+                   reinterpret_cast<const bool*>(mask.untyped_data()),
+                   md[0], md[1], q_blocks, k_blocks, block_q, block_k, d.N, d.K};
+  return ffi::Error::Success();
+}
+
+template <typename Mask>
+ffi::Error Forward(const Dims& d, float scale, const Mask& mask, const ffi::AnyBuffer& q,
+                   const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, ffi::AnyBuffer o,
+                   ffi::AnyBuffer lse) {
+  JSK_RETURN_IF_ERROR(CheckScale(scale));
+  JSK_RETURN_IF_ERROR(CheckOutputAndLse(d, q.element_type(), o, lse));
+  DispatchFloat(q.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    ForwardArgs<T> args{d, scale,
+                        reinterpret_cast<const T*>(q.untyped_data()),
+                        reinterpret_cast<const T*>(k.untyped_data()),
+                        reinterpret_cast<const T*>(v.untyped_data()),
+                        reinterpret_cast<T*>(o.untyped_data()),
+                        reinterpret_cast<float*>(lse.untyped_data())};
+    AttentionForward(args, mask);
+  });
+  return ffi::Error::Success();
+}
+
+template <typename Mask>
+ffi::Error Backward(const Dims& d, float scale, const Mask& mask, const ffi::AnyBuffer& q,
+                    const ffi::AnyBuffer& k, const ffi::AnyBuffer& v, const ffi::AnyBuffer& o,
+                    const ffi::AnyBuffer& lse, const ffi::AnyBuffer& dout, ffi::AnyBuffer dq,
+                    ffi::AnyBuffer dk, ffi::AnyBuffer dv, ffi::AnyBuffer dq_accum) {
+  JSK_RETURN_IF_ERROR(CheckScale(scale));
+  JSK_RETURN_IF_ERROR(CheckOutputAndLse(d, q.element_type(), o, lse));
+  JSK_RETURN_IF_ERROR(CheckGradients(d, q.element_type(), dout, dq, dk, dv, dq_accum));
+  DispatchFloat(q.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    BackwardArgs<T> args{d, scale,
+                         reinterpret_cast<const T*>(q.untyped_data()),
+                         reinterpret_cast<const T*>(k.untyped_data()),
+                         reinterpret_cast<const T*>(v.untyped_data()),
+                         reinterpret_cast<const T*>(o.untyped_data()),
+                         reinterpret_cast<const T*>(dout.untyped_data()),
+                         reinterpret_cast<const float*>(lse.untyped_data()),
+                         reinterpret_cast<T*>(dq.untyped_data()),
+                         reinterpret_cast<T*>(dk.untyped_data()),
+                         reinterpret_cast<T*>(dv.untyped_data()),
+                         reinterpret_cast<float*>(dq_accum.untyped_data())};
+    AttentionBackward(args, mask);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, float scale,
+                        bool causal, int64_t window_left, int64_t window_right,
+                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
+  Dims d;
+  DenseMask mask;
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(MakeDenseMask(d, causal, window_left, window_right, &mask));
+  return Forward(d, scale, mask, q, k, v, *o, *lse);
+}
+
+ffi::Error FlashBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o,
+                        ffi::AnyBuffer lse, ffi::AnyBuffer dout, float scale, bool causal,
+                        int64_t window_left, int64_t window_right,
+                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                        ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum) {
+  Dims d;
+  DenseMask mask;
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(MakeDenseMask(d, causal, window_left, window_right, &mask));
+  return Backward(d, scale, mask, q, k, v, o, lse, dout, *dq, *dk, *dv, *dq_accum);
+}
+
+ffi::Error BlockSparseFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                              ffi::AnyBuffer block_mask, float scale, bool causal, int64_t block_q,
+                              int64_t block_k, ffi::Result<ffi::AnyBuffer> o,
+                              ffi::Result<ffi::AnyBuffer> lse) {
+  Dims d;
+  BlockMask mask;
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(MakeBlockMask(d, block_mask, causal, block_q, block_k, &mask));
+  return Forward(d, scale, mask, q, k, v, *o, *lse);
+}
+
+ffi::Error BlockSparseBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                              ffi::AnyBuffer block_mask, ffi::AnyBuffer o, ffi::AnyBuffer lse,
+                              ffi::AnyBuffer dout, float scale, bool causal, int64_t block_q,
+                              int64_t block_k, ffi::Result<ffi::AnyBuffer> dq,
+                              ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                              ffi::Result<ffi::AnyBuffer> dq_accum) {
+  Dims d;
+  BlockMask mask;
+  JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &d));
+  JSK_RETURN_IF_ERROR(MakeBlockMask(d, block_mask, causal, block_q, block_k, &mask));
+  return Backward(d, scale, mask, q, k, v, o, lse, dout, *dq, *dk, *dv, *dq_accum);
+}
+
+}  // namespace
+}  // namespace jax_sparsek::flash
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JskFlashFwdCpu, jax_sparsek::flash::FlashFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Ret<ffi::AnyBuffer>()    // o
+                                  .Ret<ffi::AnyBuffer>());  // lse
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_fwd", "cpu", JskFlashFwdCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JskFlashBwdCpu, jax_sparsek::flash::FlashBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // o
+                                  .Arg<ffi::AnyBuffer>()  // lse
+                                  .Arg<ffi::AnyBuffer>()  // do
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Ret<ffi::AnyBuffer>()    // dq
+                                  .Ret<ffi::AnyBuffer>()    // dk
+                                  .Ret<ffi::AnyBuffer>()    // dv
+                                  .Ret<ffi::AnyBuffer>());  // dq_accum
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_bwd", "cpu", JskFlashBwdCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JskBlockSparseFwdCpu, jax_sparsek::flash::BlockSparseFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // block_mask
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Ret<ffi::AnyBuffer>()    // o
+                                  .Ret<ffi::AnyBuffer>());  // lse
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_block_sparse_fwd", "cpu", JskBlockSparseFwdCpu);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JskBlockSparseBwdCpu, jax_sparsek::flash::BlockSparseBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // block_mask
+                                  .Arg<ffi::AnyBuffer>()  // o
+                                  .Arg<ffi::AnyBuffer>()  // lse
+                                  .Arg<ffi::AnyBuffer>()  // do
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k")
+                                  .Ret<ffi::AnyBuffer>()    // dq
+                                  .Ret<ffi::AnyBuffer>()    // dk
+                                  .Ret<ffi::AnyBuffer>()    // dv
+                                  .Ret<ffi::AnyBuffer>());  // dq_accum
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_block_sparse_bwd", "cpu", JskBlockSparseBwdCpu);
