@@ -97,15 +97,16 @@ def eval_step(model, tokens, targets, weights):
     return masked_loss_and_accuracy(model(tokens), targets, weights)
 
 
-def evaluate(model, eval_set, batch_size: int):
+def evaluate(model, eval_set, batch_size: int = 64):
+    """(loss, accuracy) over the scored positions of the whole held-out set."""
     tokens, targets, weights = eval_set
-    losses, accs = [], []
+    loss_sum = acc_sum = count = 0.0
     for start in range(0, len(tokens), batch_size):
         sl = slice(start, start + batch_size)
         loss, acc = eval_step(model, tokens[sl], targets[sl], weights[sl])
-        losses.append(float(loss))
-        accs.append(float(acc))
-    return float(np.mean(losses)), float(np.mean(accs))
+        n = float(weights[sl].sum())
+        loss_sum, acc_sum, count = loss_sum + n * float(loss), acc_sum + n * float(acc), count + n
+    return loss_sum / count, acc_sum / count
 
 
 def train_variant(variant: str, task: RetrievalTask, model_cfg: ModelConfig, settings: Settings,
@@ -128,33 +129,35 @@ def train_variant(variant: str, task: RetrievalTask, model_cfg: ModelConfig, set
         curve["step"].append(step)
         curve["train_loss"].append(loss)
         if step % settings.eval_every == 0 or step == settings.steps:
-            _, eval_acc = evaluate(model, eval_set, settings.batch_size)
+            eval_loss, eval_acc = evaluate(model, eval_set)
             curve["eval_step"].append(step)
             curve["eval_accuracy"].append(eval_acc)
         bar.update(f"loss {loss:.3f} acc {float(acc):.2f}")
     bar.close()
-    eval_loss, eval_acc = evaluate(model, eval_set, settings.batch_size)
     return {
         "variant": variant,
         "accuracy": eval_acc,
         "loss": eval_loss,
         # The first steps compile; the median of the rest is the steady state.
         "step_ms": 1e3 * float(np.median(step_times[min(2, len(step_times) - 1):])),
+        "keys_per_query": {"dense": task.seq_len, "window": model_cfg.window,
+                           "sparsek": model_cfg.window + model_cfg.k_select}[variant],
         "cache_bytes": kv_cache_bytes(model_cfg, variant, task.seq_len),
         "curve": curve,
     }
 
 
 def format_table(results: Sequence[dict], task: RetrievalTask) -> str:
-    header = ("variant", "accuracy", "loss", "step ms", "KV cache / layer / seq")
+    header = ("variant", "accuracy", "loss", "step ms", "keys / query", "KV cache / layer / seq")
     rows = [(r["variant"], f"{r['accuracy']:.3f}", f"{r['loss']:.3f}", f"{r['step_ms']:.1f}",
-             f"{r['cache_bytes'] / 1024:.1f} KiB") for r in results]
+             str(r["keys_per_query"]), f"{r['cache_bytes'] / 1024:.1f} KiB") for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
-    out.append(f"(chance accuracy {task.chance_accuracy:.3f}; KV cache: what decoding token "
-               f"{task.seq_len} keeps per layer and sequence, float32)")
+    out.append(f"(chance accuracy {task.chance_accuracy:.3f}; keys / query: the most keys a query "
+               f"attends; KV cache: what decoding token {task.seq_len} keeps per layer and "
+               "sequence, float32)")
     return "\n".join(out)
 
 
@@ -199,6 +202,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--out", default="demo_out", help="folder for learning_curves.png")
+    p.add_argument("--eval-size", type=int, default=defaults.eval_size,
+                   help="held-out sequences for the accuracy")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -208,6 +213,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     settings = dataclasses.replace(defaults, steps=args.steps, seq_len=args.seq_len,
                                    batch_size=args.batch_size, window=args.window,
                                    k_select=args.k_select, seed=args.seed,
+                                   eval_size=args.eval_size,
                                    eval_every=max(1, min(defaults.eval_every, args.steps // 4)))
     return settings, variants, args.out
 
