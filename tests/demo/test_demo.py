@@ -80,3 +80,14 @@ def test_plot_is_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
 def test_cli_rejects_unknown_variants():
     with pytest.raises(SystemExit):
         run.parse_args(["--variants", "dense,nope"])
+
+
+def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    bar = run.ProgressBar(4, "demo")
+    for _ in range(4):
+        bar.update("loss 1.0")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "demo [" in err and "4/4 loss 1.0" in err and err.endswith("\n")
