@@ -47,7 +47,8 @@ inline void Axpy(float alpha, const float* x, float* y, int64_t n) {
 // e^88 (softmax arguments here are s - max <= 0, or s - lse, which a tiny gate can make positive).
 inline float FastExp(float x) {
   const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::nearbyint(clamped * 1.4426950408889634f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (exact for |value| < 2^22).
+  const float n = (clamped * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
   const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 hi + lo
   float poly = 1.0f / 5040.0f;
   poly = poly * r + 1.0f / 720.0f;
@@ -72,7 +73,8 @@ struct Layout {
   }
 };
 
-// Float rows of one operand: float32 inputs are read in place, 16-bit ones converted once.
+// Float rows of one operand: float32 inputs are read in place, 16-bit ones converted into a
+// per-query buffer.
 template <typename T>
 struct FloatRows {
   const T* base;
@@ -179,11 +181,9 @@ JSK_MULTIVERSION void ForwardItem(const Problem& p, int64_t b, int64_t h, const 
         row_max = std::max(row_max, logits[l]);
       }
       // Weights g_ij exp(s_ij - max); every listed gate is positive, so sum > 0.
+      for (int64_t l = 0; l < len; ++l) weights[l] = keys.gate[l] * FastExp(logits[l] - row_max);
       float sum = 0.0f;
-      for (int64_t l = 0; l < len; ++l) {
-        weights[l] = keys.gate[l] * FastExp(logits[l] - row_max);
-        sum += weights[l];
-      }
+      for (int64_t l = 0; l < len; ++l) sum += weights[l];
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t l = 0; l < len; ++l) Axpy(weights[l], keys.v[l], acc.data(), Dv);
       const float inv = 1.0f / sum;

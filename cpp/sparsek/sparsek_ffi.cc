@@ -29,6 +29,7 @@
 //   results:  dq, dk, dv (q's dtype, shapes of q, k, v), dscores f32 [B, S, K]
 //   The backward reads tau and kth from the forward's selection and requires tau to be
 //   nondecreasing along T (the selection guarantees it).
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -62,6 +63,7 @@ ffi::Error CheckAttention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   JSK_RETURN_IF_ERROR(GetDims("k", k, kd));
   JSK_RETURN_IF_ERROR(GetDims("v", v, vd));
   *p = Problem{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], vd[3], k_select, window, causal, scale};
+  p->window = std::min(window, p->S + p->T);  // the same keys, no overflow in p_i + window
   if (kd[0] != p->B || kd[3] != p->D)
     return ffi::Error::InvalidArgument("k must have shape [B=" + Str(p->B) + ", S, K, D=" +
                                        Str(p->D) + "], got " + ShapeString(k.dimensions()));
@@ -109,7 +111,8 @@ ffi::Error SelectImpl(ffi::AnyBuffer scores, ffi::Result<ffi::AnyBuffer> tau,
   JSK_RETURN_IF_ERROR(CheckSelectionAttrs(k_select, window));
   if (num_queries < 1)
     return ffi::Error::InvalidArgument("num_queries must be >= 1, got " + Str(num_queries));
-  const Problem p{sd[0], num_queries, sd[1], sd[2], sd[2], 0, 0, k_select, window, causal, 1.0f};
+  const Problem p{sd[0], num_queries, sd[1], sd[2], sd[2], 0, 0, k_select,
+                  std::min(window, sd[1] + num_queries), causal, 1.0f};
   JSK_RETURN_IF_ERROR(CheckLike("tau", *tau, ffi::DataType::F32, {p.B, p.K, p.T}));
   JSK_RETURN_IF_ERROR(CheckLike("kth", *kth, ffi::DataType::S32, {p.B, p.K, p.T}));
   SelectCpu(p, reinterpret_cast<const float*>(scores.untyped_data()),

@@ -63,8 +63,9 @@ def _threshold_row(u: jax.Array, k: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=1)  # one compiled program, also when called eagerly
 def _threshold(u: jax.Array, k: int) -> jax.Array:
     lead = u.shape[:-1]
-    rows = u.reshape((-1, u.shape[-1]))
-    return jax.vmap(lambda r: _threshold_row(r, k))(rows).reshape(lead)
+    # 16-bit scores are projected in float32; tau comes back in u's dtype.
+    rows = u.reshape((-1, u.shape[-1])).astype(jnp.promote_types(u.dtype, jnp.float32))
+    return jax.vmap(lambda r: _threshold_row(r, k))(rows).reshape(lead).astype(u.dtype)
 
 
 def _support(u, tau):

@@ -31,6 +31,10 @@ def check_sparsek_inputs(q, k, v, scores, k_select, window, causal, scale):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = check_scale(scale, dims.D)
+    # Equivalent smaller values for very large arguments (k_select >= S selects every candidate;
+    # a window of S + T covers every key in both modes), so that they fit int32 index math.
+    k_select = min(k_select, dims.S)
+    window = min(window, dims.S + dims.T)
     return dims, k_select, window, causal, scale
 
 
@@ -39,12 +43,7 @@ def query_positions(T: int, S: int) -> jax.Array:
     return jnp.arange(T) + (S - T)
 
 
-def _selection_order(u):
-    """Key indices sorted by (score, index), largest first (ties: the larger index first)."""
-    idx = jnp.broadcast_to(jnp.arange(u.shape[-1]), u.shape)
-    return jnp.lexsort((-idx, -jax.lax.stop_gradient(u)), axis=-1)
-
-
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def selection(scores, num_queries: int, k_select: int, window: int, causal: bool):
     """The selection every query makes, densely.
 
@@ -67,15 +66,22 @@ def selection(scores, num_queries: int, k_select: int, window: int, causal: bool
     masked = jnp.where(candidate, u[:, :, None, :], -jnp.inf)  # [B, K, T', S]
     tau = sparsek_threshold(masked, k_select)
 
-    # Rank candidates in the (score, index) order: the k_select first ones are selected.
-    order = _selection_order(u)[:, :, None, :]  # [B, K, 1, S]
-    cand_sorted = jnp.take_along_axis(jnp.broadcast_to(candidate, masked.shape), order, axis=-1)
-    before = jnp.cumsum(cand_sorted, axis=-1) - cand_sorted  # candidates ranked above
-    sel_sorted = cand_sorted & (before < k_select)
-    selected = jnp.take_along_axis(sel_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    is_kth = cand_sorted & (before == k_select - 1)
-    kth = jnp.where(jnp.sum(cand_sorted, axis=-1) > k_select,
-                    jnp.sum(jnp.where(is_kth, order, 0), axis=-1), -1).astype(jnp.int32)
+    # The k_select-th largest candidate in the (score, index) order: its score theta is the
+    # k_select-th largest score; among the candidates scoring theta, the ones ranked before it
+    # are those with larger indices, so it is the r-th largest index of them.
+    top = min(k_select, S)
+    stopped = jax.lax.stop_gradient(masked)
+    kth_score = jax.lax.top_k(stopped, top)[0][..., top - 1:top]
+    rank_among_ties = k_select - jnp.sum(stopped > kth_score, axis=-1, keepdims=True)  # r >= 1
+    tie_index = jnp.where(stopped == kth_score, j, -1)
+    kth_index = jnp.take_along_axis(jax.lax.top_k(tie_index, top)[0],
+                                    jnp.clip(rank_among_ties - 1, 0, top - 1), axis=-1)
+    kth_score, kth_index = kth_score[..., 0], kth_index[..., 0]
+    enough = jnp.sum(jnp.broadcast_to(candidate, masked.shape), axis=-1) > k_select
+    at_least_kth = (u[:, :, None, :] > kth_score[..., None]) | (
+        (u[:, :, None, :] == kth_score[..., None]) & (j >= kth_index[..., None]))
+    selected = candidate & (at_least_kth | ~enough[..., None])
+    kth = jnp.where(enough, kth_index, -1).astype(jnp.int32)
     return tau, kth, candidate, selected, window_mask
 
 

@@ -244,3 +244,47 @@ def test_bad_arguments_raise_with_their_name(change, error, name, implementation
     kwargs = dict(k_select=change.get("k_select", 2), window=change.get("window", 1))
     with pytest.raises(error, match=name):
         sparsek_attention(q, k, v, scores, implementation=implementation, **kwargs)
+
+
+_SHARDING_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jax_sparsek import sparsek_attention
+mesh = jax.make_mesh((2,), ("x",))
+rng = np.random.default_rng(0)
+q = rng.standard_normal((2, 16, 4, 8), dtype=np.float32)
+k, v = (rng.standard_normal((2, 16, 2, 8), dtype=np.float32) for _ in range(2))
+s = rng.standard_normal((2, 16, 2), dtype=np.float32)
+f = lambda q, k, v, s: sparsek_attention(q, k, v, s, k_select=3, window=2, implementation="ffi")
+g = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3))
+expected = (f(q, k, v, s), *g(q, k, v, s))
+for name, spec in (("batch", lambda x: P("x")), ("heads", lambda x: P(None, None, "x"))):
+    args = [jax.device_put(x, NamedSharding(mesh, spec(x))) for x in (q, k, v, s)]
+    text = jax.jit(f).lower(*args).compile().as_text() + jax.jit(g).lower(*args).compile().as_text()
+    assert "all-gather" not in text and "all-to-all" not in text, name
+    for got, want in zip((jax.jit(f)(*args), *jax.jit(g)(*args)), expected):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+print("ok")
+"""
+
+
+def test_batch_and_head_sharding_run_without_gathers():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", _SHARDING_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_huge_k_select_and_window_mean_everything():
+    config = CONFIGS["square-gqa2"]
+    q, k, v, scores = make_inputs(config, seed=8)
+    S, T = k.shape[1], q.shape[1]
+    for implementation in ("ffi", "xla"):
+        run = lambda **kw: sparsek_attention(q, k, v, scores, implementation=implementation, **kw)
+        np.testing.assert_array_equal(run(k_select=10**15, window=1), run(k_select=S, window=1))
+        np.testing.assert_array_equal(run(k_select=2, window=10**15), run(k_select=2, window=S + T))

@@ -156,3 +156,11 @@ def test_bad_k_raises_naming_k(k, error):
         sparsek(jnp.ones(4), k)
     with pytest.raises(error, match=r"\bk\b"):
         sparsek_threshold(jnp.ones(4), k)
+
+
+def test_16_bit_scores_are_projected_in_float32():
+    u = normal(9, 3, 40)
+    m16 = sparsek(u.astype(jnp.bfloat16), 5)
+    assert m16.dtype == jnp.bfloat16 and sparsek_threshold(u.astype(jnp.bfloat16), 5).dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(m16).astype(np.float32),
+                               sparsek(u.astype(jnp.bfloat16).astype(jnp.float32), 5), atol=4e-3)
