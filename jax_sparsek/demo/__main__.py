@@ -1,0 +1,3 @@
+from jax_sparsek.demo.run import main
+
+main()
