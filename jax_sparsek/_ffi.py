@@ -16,8 +16,10 @@ try:
     from jax_sparsek import _jax_sparsek_ext as _ext
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
-        "jax_sparsek's compiled extension (_jax_sparsek_ext) could not be loaded: reinstall "
-        "the package with `pip install .` from its source tree"
+        "jax_sparsek's compiled extension (_jax_sparsek_ext) could not be loaded from "
+        f"{__file__.rsplit('/', 1)[0]}. Install the package (`pip install .`) and import it from "
+        "outside its source tree, or build in place for development (`tools/dev_build.sh`, "
+        "then PYTHONPATH=<source tree>)"
     ) from e
 
 

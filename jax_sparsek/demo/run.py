@@ -254,3 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         print(f"learning curves: {path}")
     print(f"total time {time.perf_counter() - start:.0f} s")
     return results
+
+
+def cli() -> None:
+    """Console entry point (`jax-sparsek-demo`)."""
+    main()
