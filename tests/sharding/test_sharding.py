@@ -1,6 +1,7 @@
 """Every FFI op under batch / head sharding on 8 host devices: results equal the unsharded
 run, and the compiled programs hold no collective (all-gather, all-to-all, all-reduce).
-Also: explicit mesh axes, shard_map, pmap, and the warning for sequence sharding.
+Also: explicit mesh axes, shard_map, pmap, the Flax layer with head-sharded parameters, and
+the warning for sequence sharding.
 
 The device count is fixed when jax starts, so the checks run in one child process."""
 
@@ -77,6 +78,30 @@ CHECKS = textwrap.dedent("""
         split = [x.reshape((8, B // 8) + x.shape[1:]) for x in args]
         got = jax.pmap(fn)(*split).reshape(expected[name][0].shape)
         assert_close(got, expected[name][0], "float32", what="pmap " + name)
+
+    # The Flax layer with head-sharded parameters (tensor parallel over "model") and a
+    # batch-sharded input: attention runs shard-locally; only the output projection reduces.
+    from flax import nnx
+    from jax_sparsek.flax import SparseKAttention
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    layer = SparseKAttention(32, num_heads=8, num_kv_heads=4, k_select=5, window=4,
+                             rngs=nnx.Rngs(0))
+    graph, params = nnx.split(layer)
+    x = jnp.asarray(rng.standard_normal((8, 24, 32)), jnp.float32)
+    expected_y = nnx.merge(graph, params)(x)
+    head_axis = {"q_kernel": 1, "k_kernel": 1, "v_kernel": 1, "out_kernel": 0,
+                 "score_kernel": 1, "score_slope": 0}
+    def shard_param(path, p):
+        name = next(n for n in head_axis if n in jax.tree_util.keystr(path))
+        spec = [None] * p.ndim
+        spec[head_axis[name]] = "model"
+        return jax.device_put(p, NamedSharding(mesh, P(*spec)))
+    params = jax.tree_util.tree_map_with_path(shard_param, params)
+    run = jax.jit(lambda params, x: nnx.merge(graph, params)(x))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    hlo = run.lower(params, xs).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, "flax layer: gathers"
+    assert_close(run(params, xs), expected_y, "float32", what="flax layer sharded")
 
     # Sequence sharding is not supported: a warning, then the gathered (correct) result.
     mesh = jax.make_mesh((8,), ("seq",), axis_types=(AxisType.Auto,))
