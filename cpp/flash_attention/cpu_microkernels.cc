@@ -1,22 +1,16 @@
 // Float32 tile primitives (see cpu_microkernels.h): a register-blocked GEMM on vector types
-// and plain loops the compiler vectorizes. On x86-64 Linux each function is cloned for
-// AVX2+FMA (x86-64-v3) next to the baseline build and the loader picks the clone the CPU
-// supports, so one wheel runs everywhere and still uses the wide units where they exist.
+// and plain loops the compiler vectorizes, each cloned per CPU level (JSK_MULTIVERSION).
 #include "flash_attention/cpu_microkernels.h"
 
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define JSK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define JSK_MULTIVERSION
-#endif
-
 // Floating-point exception flags are never read here; without this GCC may not turn the
-// compares of ExpApprox into vector selects.
+// compares of FastExp into vector selects (it must precede the header that defines FastExp).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+
+#include "common/cpu_math.h"
 
 namespace jax_sparsek::flash {
 
@@ -69,40 +63,6 @@ void GemmTile(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   }
 }
 
-// exp(x) = 2^n * exp(f) with n = round(x / ln 2) and |f| <= ln(2) / 2 (Cody-Waite split of
-// ln 2 keeps f exact), exp(f) by its Taylor polynomial of degree 7 (truncation error 5e-9).
-// Branch-free so that the loop vectorizes; results below 2^-126 flush to zero.
-static inline float BitsToFloat(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, sizeof(float));
-  return x;
-}
-static inline uint32_t FloatToBits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(float));
-  return u;
-}
-
-static inline float ExpApprox(float x) {
-  x = x < -88.0f ? -88.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer...
-  const float rounded = x * 1.44269504088896341f + magic;
-  const float n = rounded - magic;
-  const int32_t n_int = int32_t(FloatToBits(rounded) - FloatToBits(magic));  // ...held in its low bits
-  const float f = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const float two_n = BitsToFloat((uint32_t(n_int) + 127u) << 23);
-  return n_int < -126 ? 0.0f : p * two_n;
-}
-
 // The reductions below keep 8 independent partial results (one vector register) so that
 // they vectorize without reassociating a single running sum.
 JSK_MULTIVERSION
@@ -111,12 +71,12 @@ float ExpShiftedInPlace(float* x, int64_t n, float shift) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     for (int64_t j = 0; j < 8; ++j) {
-      x[i + j] = ExpApprox(x[i + j] - shift);
+      x[i + j] = FastExp(x[i + j] - shift);
       partial[j] += x[i + j];
     }
   }
   for (; i < n; ++i) {
-    x[i] = ExpApprox(x[i] - shift);
+    x[i] = FastExp(x[i] - shift);
     partial[0] += x[i];
   }
   float sum = 0.0f;

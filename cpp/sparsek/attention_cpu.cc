@@ -11,14 +11,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/cpu_math.h"
 #include "sparsek/sparsek_cpu.h"
-
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-// The per-item kernels are cloned for AVX2+FMA next to the baseline; the loader picks one.
-#define JSK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define JSK_MULTIVERSION
-#endif
 
 namespace jax_sparsek::sparsek {
 namespace {
@@ -41,26 +35,6 @@ inline void Axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
-// exp(x), branch-free so that loops over it vectorize (libm's expf does not): x = n ln2 + r
-// with |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error below 2e-9 before
-// rounding), 2^n through the exponent bits. Below -87 it flushes to 0; above 88 it saturates at
-// e^88 (softmax arguments here are s - max <= 0, or s - lse, which a tiny gate can make positive).
-inline float FastExp(float x) {
-  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // Round to nearest by adding and subtracting 1.5 * 2^23 (exact for |value| < 2^22).
-  const float n = (clamped * 1.4426950408889634f + 12582912.0f) - 12582912.0f;
-  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 hi + lo
-  float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  const float scale = FloatFromBits(uint32_t(int32_t(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : poly * scale;
-}
 
 // Strides of the [B, S, K, *] and [B, T, N, *] layouts.
 struct Layout {
