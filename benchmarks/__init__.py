@@ -5,6 +5,14 @@
     PYTHONPATH=. python -m benchmarks --preset seed000 --scale-down 16   # CPU-sized
     PYTHONPATH=. python -m benchmarks --T 8192 --N 32 --K 8 --D 128 --dtype bf16 --causal
     PYTHONPATH=. python -m benchmarks --preset long32k --impl jax_sparsek 'jax.nn[cudnn]'
+    PYTHONPATH=. python -m benchmarks --preset long decode density sparsek-sweep --passes fwd --plots
+    PYTHONPATH=. python -m benchmarks.plots                   # PNGs from benchmarks/results/*/
+    PYTHONPATH=. python -m benchmarks --profile seed003       # our forward under ncu (GPU)
+
+Presets (presets.py): BENCHMARKS.md's, plus the sweeps long8k..long128k, decode32k/128k,
+bsdensity05..bsdensity100 (percent of blocks ON) and sparsek-{seed003,long32k}-k{K}-w{W};
+--preset takes group names too: all (BENCHMARKS.md's, the default), long, decode, density,
+sparsek-sweep, sparsek-seed003-sweep, sparsek-long32k-sweep.
 
 Protocol (/work/shared/BENCHMARKS.md): every implementation runs on the same fresh random
 normal inputs, jit-compiled; after compilation and two warm-up calls, each of `--iters` samples
@@ -39,8 +47,13 @@ element and one kv-head group (batch elements and head groups are independent, s
 slice's outputs and gradients are exact slices of the full ones).
 
 Records go to benchmarks/results/<device-slug>/<date>-<preset>.json, one file per preset;
-a later run of the same day replaces the rows of the (impl, pass) it measured.
+a later run of the same day replaces the rows of the (impl, pass) it measured. The end of
+a run also prints the tier table: our forward us/head against the original reports' tiers
+(<= 3.82, < 3.0, < 2.0 us/head) beside the HBM floor (bytes at 2.97 TB/s) and the tensor-core
+floor (FLOPs at 795 TF/s); `python -m benchmarks.report` writes it into the README too.
+Plots go to <device-slug>/plots/, ncu summaries to <device-slug>/profiles/.
 
-Modules: problems.py (what a row computes: stand-ins, keep-set masks, references, bytes),
-peers.py (the implementations), timing.py, runner.py (timing loop, records), report.py.
+Modules: presets.py (sweeps, groups), problems.py (what a row computes: stand-ins, keep-set
+masks, references, bytes), peers.py (the implementations), timing.py, runner.py (timing
+loop, records), report.py (tables, README), plots.py, profile.py (ncu).
 """

@@ -1,6 +1,7 @@
 """python -m benchmarks [--preset NAME ...] [shape flags] [--passes fwd,fwd+bwd] [--iters N]
 
-Without --preset or shape flags every preset runs. Shape flags alone describe one custom
+Without --preset or shape flags the BENCHMARKS.md presets run (group `all`; the sweeps and
+their groups are in benchmarks/presets.py). Shape flags alone describe one custom
 problem; with --preset they override the presets' fields (the name then says so).
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from benchmarks import problems, report, runner  # noqa: E402
-from jax_sparsek.testing import PRESETS, AttentionSpec  # noqa: E402
+from benchmarks.presets import GROUPS, PRESETS, resolve  # noqa: E402
+from jax_sparsek.testing import AttentionSpec  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHAPE_FLAGS = ("B", "T", "N", "K", "D", "dtype", "causal", "window", "k_select", "block_size",
@@ -29,8 +31,9 @@ def _ints(text: str) -> tuple[int, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS) + ["all"], metavar="NAME",
-                   help=f"presets to run ({', '.join(PRESETS)}, or all)")
+    p.add_argument("--preset", nargs="+", metavar="NAME",
+                   help=f"presets or groups to run (groups: {', '.join(GROUPS)}; "
+                        "presets: benchmarks/presets.py)")
     shape = p.add_argument_group("shape flags (override presets, or describe a custom problem)")
     for dim in ("B", "T", "N", "K", "D"):
         shape.add_argument(f"--{dim}", type=int)
@@ -49,7 +52,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder")
     p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--plots", action="store_true",
+                   help="after saving, draw the plots of the devices measured (benchmarks.plots)")
+    p.add_argument("--profile", metavar="PRESET",
+                   help="instead of timing, run our forward of PRESET under ncu (benchmarks.profile)")
     args = p.parse_args(argv)
+    try:
+        args.preset = resolve(args.preset) if args.preset else None
+        if args.profile:
+            resolve([args.profile])
+    except ValueError as e:
+        p.error(str(e))
     if not set(args.passes) <= set(runner.PASSES):
         p.error(f"--passes takes a subset of {','.join(runner.PASSES)}")
     if args.iters < 1:
@@ -86,7 +99,7 @@ def problem_specs(args: argparse.Namespace) -> dict[str, AttentionSpec]:
     suffix = "".join(f"-{f.replace('_', '')}{str(getattr(args, f)).replace(' ', '')}" for f in given)
     for bad in "(),[]":
         suffix = suffix.replace(bad, "" if bad in "()[]" else "_")
-    names = list(PRESETS) if not args.preset or "all" in args.preset else args.preset
+    names = args.preset or GROUPS["all"]
     if not args.preset and given:
         bases = {"custom": AttentionSpec(B=1, T=1024, N=8, D=64, dtype="bfloat16")}
     else:
@@ -101,15 +114,29 @@ def problem_specs(args: argparse.Namespace) -> dict[str, AttentionSpec]:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.profile:
+        from benchmarks import profile
+
+        profile.main([args.profile, "--scale-down", str(args.scale_down), "--out", str(args.out)])
+        return []
     records = runner.run(problem_specs(args), passes=args.passes, iters=args.iters,
                          only=set(args.impl) if args.impl else None, seed=args.seed)
     if not records:
         print("no implementation ran", file=sys.stderr)
         return records
     print(report.table(records))
+    tiers = report.tier_table(records)
+    if tiers:
+        print("\n" + tiers)
     if not args.no_save:
-        for path in report.save(records, args.out):
+        paths = report.save(records, args.out)
+        for path in paths:
             print(f"wrote {path}")
+        if args.plots:
+            from benchmarks import plots
+
+            for device_dir in sorted({path.parent for path in paths}):
+                plots.write_plots(device_dir)
     return records
 
 

@@ -45,7 +45,8 @@ def scale_down(spec: AttentionSpec, factor: int) -> AttentionSpec:
     div = lambda x, lo: max(lo, x // factor)
     K = div(spec.k, 1)
     N = max(K, div(spec.N, 1) // K * K)  # keep N a multiple of K
-    kw = dict(B=div(spec.B, 1), T=div(spec.T, 16), N=N, K=None if spec.K is None else K)
+    # T never grows: a decoding step (T=1) stays one query.
+    kw = dict(B=div(spec.B, 1), T=min(spec.T, div(spec.T, 16)), N=N, K=None if spec.K is None else K)
     if spec.S is not None:
         kw["S"] = div(spec.S, 16)
     if spec.window is not None:

@@ -81,14 +81,70 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The original BlackwellSparseK reports' tiers: forward us/head (time over heads) of the
+# headline configs, and the H100 ceilings measured on the device machine (ANCHORS.md).
+TIERS = (("<= 3.82", lambda us: us <= 3.82), ("< 3.0", lambda us: us < 3.0),
+         ("< 2.0", lambda us: us < 2.0))
+HBM_BYTES_PER_S = 2.97e12
+TENSOR_FLOPS_PER_S = 795e12
+
+
+def floors_us_per_head(r: dict) -> tuple[float, float]:
+    """(HBM floor, tensor-core floor) of a record in us/head: its bytes (q, k, v read and o
+    written once, plus scores / block mask) at 2.97 TB/s and its FLOPs at 795 TF/s, both
+    recovered from the record's own rates."""
+    seconds = r["ms"] * 1e-3
+    bytes_, flops = r["gbps"] * 1e9 * seconds, r["tflops"] * 1e12 * seconds
+    return (1e6 * bytes_ / HBM_BYTES_PER_S / r["N"], 1e6 * flops / TENSOR_FLOPS_PER_S / r["N"])
+
+
+def tier_rows(records: list[dict]) -> list[tuple]:
+    """(device, preset, us/head, HBM floor, tensor floor, *pass/fail per tier) of each forward
+    record of ours; seed000 and seed003 first, then the other presets by name."""
+    ours = [r for r in records if r["impl"] == OURS and r["pass"] == "fwd"]
+    order = lambda r: (r["device"], not r["preset"].startswith(("seed000", "seed003")), r["preset"])
+    rows = []
+    for r in sorted(ours, key=order):
+        hbm, tensor = floors_us_per_head(r)
+        verdicts = tuple("pass" if ok(r["us_per_head"]) else "fail" for _, ok in TIERS)
+        rows.append((r["device"], r["preset"], r["us_per_head"], hbm, tensor) + verdicts)
+    return rows
+
+
+_TIER_HEAD = ("device", "preset", "us/head (fwd)", "HBM floor", "tensor floor",
+              *(f"tier {name}" for name, _ in TIERS))
+
+
+def _tier_cells(row: tuple) -> list[str]:
+    return [row[0], row[1], *(f"{x:.3g}" for x in row[2:5]), *row[5:]]
+
+
+def tier_table(records: list[dict]) -> str:
+    """The tier table as plain text ('' without a forward record of ours)."""
+    rows = [_tier_cells(r) for r in tier_rows(records)]
+    if not rows:
+        return ""
+    width = [max(len(str(x)) for x in col) for col in zip(_TIER_HEAD, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, width))
+    return "\n".join([line(_TIER_HEAD), line(["-" * w for w in width])] + [line(r) for r in rows])
+
+
+def tier_markdown(records: list[dict]) -> str:
+    """The tier table for the README (floors in us/head: bytes at 2.97 TB/s, FLOPs at 795 TF/s)."""
+    lines = ["| " + " | ".join(_TIER_HEAD) + " |", "|" + "---|" * len(_TIER_HEAD)]
+    lines += ["| " + " | ".join(_tier_cells(r)) + " |" for r in tier_rows(records)]
+    return "\n".join(lines)
+
+
 def update_readme(readme: Path, results: Path = RESULTS) -> None:
-    """Rewrites the table between the README's results markers from every JSON record."""
+    """Rewrites the tables between the README's results markers from every JSON record: the
+    results, then our forward us/head against the tiers and floors."""
     records = [r for path in sorted(results.glob("*/*.json")) for r in json.loads(path.read_text())]
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
     text = readme.read_text()
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{begin}\n{markdown(records)}\n{end}{tail}")
+    readme.write_text(f"{head}{begin}\n{markdown(records)}\n\n{tier_markdown(records)}\n{end}{tail}")
 
 
 if __name__ == "__main__":  # python -m benchmarks.report: regenerate the README's table

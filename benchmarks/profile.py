@@ -1,0 +1,137 @@
+"""python -m benchmarks.profile PRESET [--scale-down F]: our forward of PRESET under Nsight
+Compute (`ncu --clock-control none --set basic`, boost clocks as in the timed runs), summarised
+per kernel (name, launch shape, duration, achieved SM and memory throughput as % of peak) into
+benchmarks/results/<device-slug>/profiles/<date>-<preset>.txt.
+
+ncu profiles a child process (`--child`) that builds the inputs on the host (so that no
+input-generation kernel shows up), compiles our forward and runs it twice: the first call
+warms up, so every kernel appears twice; the summary keeps the last launch of each name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import problems, report
+from benchmarks.presets import PRESETS, resolve
+
+NCU_FLAGS = ("--clock-control", "none", "--set", "basic", "--csv", "--page", "details")
+# ncu's metric names (section GPU Speed Of Light Throughput) -> summary columns.
+METRICS = {"Duration": "duration_us", "Compute (SM) Throughput": "sm_pct",
+           "Memory Throughput": "memory_pct", "DRAM Throughput": "dram_pct"}
+TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+         "second": 1e6, "s": 1e6}
+
+
+def command(preset: str, scale_down: int = 1, ncu: str = "ncu", python: str = sys.executable) -> list[str]:
+    """The ncu command line that profiles our forward of `preset`."""
+    return [ncu, *NCU_FLAGS, python, "-m", "benchmarks.profile", preset,
+            "--scale-down", str(scale_down), "--child"]
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))  # ncu groups thousands: "1,234.5"
+
+
+def parse_ncu_csv(text: str) -> list[dict]:
+    """Kernels of `ncu --csv --page details` output, one dict per launch in order: name,
+    grid, block, and the METRICS columns (duration in us, throughputs in % of peak). Lines
+    before the CSV header (the program's own output, ==PROF== lines) are ignored."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID",')), None)
+    if start is None:
+        return []
+    kernels: dict[str, dict] = {}
+    for row in csv.DictReader(line for line in lines[start:] if line.startswith('"')):
+        launch = kernels.setdefault(row["ID"], {"name": row["Kernel Name"], "grid": row["Grid Size"],
+                                                "block": row["Block Size"]})
+        column = METRICS.get(row["Metric Name"])
+        if column is None or not row["Metric Value"]:
+            continue
+        value = _number(row["Metric Value"])
+        if column == "duration_us":
+            value *= TO_US[row["Metric Unit"]]
+        launch[column] = value
+    return list(kernels.values())
+
+
+def summary(kernels: list[dict], title: str) -> str:
+    """A short text: the last launch of each kernel name, longest first, and the total."""
+    last = {k["name"]: k for k in kernels}
+    rows = sorted(last.values(), key=lambda k: -k.get("duration_us", 0.0))
+    cell = lambda k, c, fmt: format(k[c], fmt) if c in k else "-"
+    out = [title, f"{'duration us':>12} {'SM %':>6} {'mem %':>6} {'DRAM %':>6}  grid / block  kernel"]
+    for k in rows:
+        out.append(f"{cell(k, 'duration_us', '12.1f')} {cell(k, 'sm_pct', '6.1f')} "
+                   f"{cell(k, 'memory_pct', '6.1f')} {cell(k, 'dram_pct', '6.1f')}  "
+                   f"{k['grid']} / {k['block']}  {k['name']}")
+    total = sum(k.get("duration_us", 0.0) for k in rows)
+    out.append(f"{total:12.1f} us in {len(rows)} kernels (last launch of each)")
+    return "\n".join(out) + "\n"
+
+
+def _child(preset: str, scale_down: int) -> None:
+    """Our forward of the preset, twice, on inputs made on the host."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import peers
+
+    spec = problems.scale_down(PRESETS[preset], scale_down)
+    rng = np.random.default_rng(0)
+    shapes = {"q": (spec.B, spec.T, spec.N, spec.D), "k": (spec.B, spec.s, spec.k, spec.D),
+              "v": (spec.B, spec.s, spec.k, spec.dv)}
+    host = {n: rng.standard_normal(s, np.float32).astype(jnp.dtype(spec.dtype)) for n, s in shapes.items()}
+    if spec.block_size is not None:
+        bq, bk = spec.block_size
+        grid = (spec.B, spec.N, -(-spec.T // bq), -(-spec.s // bk))
+        host["block_mask"] = rng.random(grid) < (0.5 if spec.block_density is None else spec.block_density)
+    if spec.k_select is not None:
+        host["scores"] = 2 * rng.standard_normal((spec.B, spec.s, spec.k), np.float32)
+    (impl,) = peers.build(spec, host, ("fwd",), print, only={report.OURS})
+    args = [jax.device_put(host[n]) for n in impl.args]
+    f = jax.jit(impl.fn)
+    for _ in range(2):
+        jax.block_until_ready(f(*args))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset")
+    p.add_argument("--scale-down", type=int, default=1)
+    p.add_argument("--out", type=Path, default=report.RESULTS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    (preset,) = resolve([args.preset])
+    if args.child:
+        return _child(preset, args.scale_down)
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        print("ncu is not on PATH: no profile (Nsight Compute ships with the CUDA toolkit)")
+        return
+    import jax
+
+    done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True)
+    kernels = parse_ncu_csv(done.stdout)
+    if done.returncode != 0 or not kernels:
+        print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
+        return
+    device = jax.devices()[0].device_kind
+    date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    name = preset + (f"-div{args.scale_down}" if args.scale_down > 1 else "")
+    path = Path(args.out) / report.device_slug(device) / "profiles" / f"{date}-{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(summary(kernels, f"{name} forward, ours, {device}, ncu --set basic"))
+    print(path.read_text() + f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
