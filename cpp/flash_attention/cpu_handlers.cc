@@ -9,6 +9,7 @@
 #include "common/ffi_helpers.h"
 #include "common/registry.h"
 #include "flash_attention/cpu_kernels.h"
+#include "flash_attention/ffi_bindings.h"
 
 namespace jax_sparsek::flash {
 namespace {
@@ -102,9 +103,9 @@ ffi::Error Backward(const AttentionShape& d, float scale, const Mask& mask, cons
   return ffi::Error::Success();
 }
 
-ffi::Error FlashFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, float scale,
-                        bool causal, int64_t window_left, int64_t window_right,
-                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse) {
+ffi::Error FlashFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, float scale,
+                        bool causal, int64_t window_left, int64_t window_right) {
   AttentionShape d;
   DenseMask mask;
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
@@ -113,10 +114,10 @@ ffi::Error FlashFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, fl
 }
 
 ffi::Error FlashBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer o,
-                        ffi::AnyBuffer lse, ffi::AnyBuffer dout, float scale, bool causal,
-                        int64_t window_left, int64_t window_right,
-                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                        ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum) {
+                        ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
+                        ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                        ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal,
+                        int64_t window_left, int64_t window_right) {
   AttentionShape d;
   DenseMask mask;
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
@@ -125,9 +126,9 @@ ffi::Error FlashBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
 }
 
 ffi::Error BlockSparseFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                              ffi::AnyBuffer block_mask, float scale, bool causal, int64_t block_q,
-                              int64_t block_k, ffi::Result<ffi::AnyBuffer> o,
-                              ffi::Result<ffi::AnyBuffer> lse) {
+                              ffi::AnyBuffer block_mask, ffi::Result<ffi::AnyBuffer> o,
+                              ffi::Result<ffi::AnyBuffer> lse, float scale, bool causal,
+                              int64_t block_q, int64_t block_k) {
   AttentionShape d;
   BlockMask mask;
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
@@ -137,10 +138,10 @@ ffi::Error BlockSparseFwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
 
 ffi::Error BlockSparseBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                               ffi::AnyBuffer block_mask, ffi::AnyBuffer o, ffi::AnyBuffer lse,
-                              ffi::AnyBuffer dout, float scale, bool causal, int64_t block_q,
-                              int64_t block_k, ffi::Result<ffi::AnyBuffer> dq,
+                              ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                              ffi::Result<ffi::AnyBuffer> dq_accum) {
+                              ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal,
+                              int64_t block_q, int64_t block_k) {
   AttentionShape d;
   BlockMask mask;
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
@@ -154,65 +155,15 @@ ffi::Error BlockSparseBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
 namespace ffi = xla::ffi;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JskFlashFwdCpu, jax_sparsek::flash::FlashFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Ret<ffi::AnyBuffer>()    // o
-                                  .Ret<ffi::AnyBuffer>());  // lse
-JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_fwd", "cpu", JskFlashFwdCpu);
-
+                              jax_sparsek::flash::ForwardBinding<false>(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JskFlashBwdCpu, jax_sparsek::flash::FlashBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // o
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // do
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Ret<ffi::AnyBuffer>()    // dq
-                                  .Ret<ffi::AnyBuffer>()    // dk
-                                  .Ret<ffi::AnyBuffer>()    // dv
-                                  .Ret<ffi::AnyBuffer>());  // dq_accum
-JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_bwd", "cpu", JskFlashBwdCpu);
-
+                              jax_sparsek::flash::BackwardBinding<false>(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JskBlockSparseFwdCpu, jax_sparsek::flash::BlockSparseFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // block_mask
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k")
-                                  .Ret<ffi::AnyBuffer>()    // o
-                                  .Ret<ffi::AnyBuffer>());  // lse
-JAX_SPARSEK_REGISTER_FFI("jax_sparsek_block_sparse_fwd", "cpu", JskBlockSparseFwdCpu);
-
+                              jax_sparsek::flash::ForwardBinding<true>(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JskBlockSparseBwdCpu, jax_sparsek::flash::BlockSparseBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // block_mask
-                                  .Arg<ffi::AnyBuffer>()  // o
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // do
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k")
-                                  .Ret<ffi::AnyBuffer>()    // dq
-                                  .Ret<ffi::AnyBuffer>()    // dk
-                                  .Ret<ffi::AnyBuffer>()    // dv
-                                  .Ret<ffi::AnyBuffer>());  // dq_accum
+                              jax_sparsek::flash::BackwardBinding<true>(ffi::Ffi::Bind()));
+
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_fwd", "cpu", JskFlashFwdCpu);
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_bwd", "cpu", JskFlashBwdCpu);
+JAX_SPARSEK_REGISTER_FFI("jax_sparsek_block_sparse_fwd", "cpu", JskBlockSparseFwdCpu);
 JAX_SPARSEK_REGISTER_FFI("jax_sparsek_block_sparse_bwd", "cpu", JskBlockSparseBwdCpu);

@@ -15,6 +15,7 @@
 #include "common/attention_checks.h"
 #include "common/ffi_helpers.h"
 #include "common/registry.h"
+#include "flash_attention/ffi_bindings.h"
 
 namespace jax_sparsek::cuda {
 namespace {
@@ -225,74 +226,22 @@ ffi::Error BlockSparseBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
                   *dq_accum);
 }
 
+// The stream comes first; operands, results and attributes as on the CPU (ffi_bindings.h).
+auto BindWithStream() { return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>(); }
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashFwdCuda, FlashFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Ret<ffi::AnyBuffer>()  // o
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right"),
+                              flash::ForwardBinding<false>(BindWithStream()),
                               {ffi::Traits::kCmdBufferCompatible});
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlashBwdCuda, FlashBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // o
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // do
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::AnyBuffer>()  // dq_accum
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right"),
+                              flash::BackwardBinding<false>(BindWithStream()),
                               {ffi::Traits::kCmdBufferCompatible});
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseFwdCuda, BlockSparseFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // block_mask
-                                  .Ret<ffi::AnyBuffer>()  // o
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"),
+                              flash::ForwardBinding<true>(BindWithStream()),
                               {ffi::Traits::kCmdBufferCompatible});
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BlockSparseBwdCuda, BlockSparseBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // block_mask
-                                  .Arg<ffi::AnyBuffer>()  // o
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // do
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::AnyBuffer>()  // dq_accum
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"),
+                              flash::BackwardBinding<true>(BindWithStream()),
                               {ffi::Traits::kCmdBufferCompatible});
 
 JAX_SPARSEK_REGISTER_FFI("jax_sparsek_flash_fwd", "CUDA", FlashFwdCuda);
