@@ -3,6 +3,9 @@
 #include <nanobind/nanobind.h>
 
 #include "common/registry.h"
+#ifdef JAX_SPARSEK_WITH_CUDA
+#include "sparsek/cuda/sparsek_kernels.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -25,6 +28,18 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.attr("built_against_jaxlib") = JAXLIB_BUILD_VERSION;
 #ifdef JAX_SPARSEK_WITH_CUDA
   m.attr("with_cuda") = true;
+  // Workspace sizes of the CUDA SparseK targets (the Python wrapper allocates them as results).
+  using jax_sparsek::cuda::sparsek::SparsekDims;
+  m.def("sparsek_select_workspace_bytes",
+        [](int B, int T, int S, int K, int k_select, int window, bool causal) {
+          return jax_sparsek::cuda::sparsek::SelectWorkspaceBytes(
+              SparsekDims{B, T, S, K, K, 0, k_select, window, causal});
+        });
+  m.def("sparsek_backward_workspace_bytes",
+        [](int B, int T, int S, int N, int K, int D, int k_select, int window, bool causal) {
+          return jax_sparsek::cuda::sparsek::BackwardWorkspaceBytes(
+              SparsekDims{B, T, S, N, K, D, k_select, window, causal});
+        });
 #else
   m.attr("with_cuda") = false;
 #endif

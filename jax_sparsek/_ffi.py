@@ -45,6 +45,11 @@ for _name, _platform, _capsule in _ext.registrations():
     _TARGETS.setdefault(_name, set()).add(_platform.lower())
 
 
+def extension():
+    """The compiled extension module (workspace-size functions of the CUDA targets)."""
+    return _ext
+
+
 def has_target(name: str, platform: str) -> bool:
     """Whether this build has an FFI handler `name` for `platform` ("cpu" or "cuda")."""
     return platform.lower() in _TARGETS.get(name, ())

@@ -1,5 +1,6 @@
-// XLA FFI handlers of SparseK attention on the CPU. The CUDA handlers (cpp/sparsek/cuda/) bind
-// the same three targets with the same operands, results and attributes.
+// XLA FFI handlers of SparseK attention on the CPU (signatures in ffi_bindings.h). The CUDA
+// pipeline (cpp/sparsek/cuda/ffi_handlers.cu) computes the same tau, kth, o, lse and gradients
+// through "_cuda" targets that also pass per-tile key lists and workspaces.
 //
 // Layouts: q [B, T, N, D], k [B, S, K, D], v [B, S, K, Dv], o / do [B, T, N, Dv]; q, k, v, o,
 // do share one dtype (f32, bf16 or f16); scores f32 [B, S, K]. Query i sits at position
@@ -33,9 +34,9 @@
 #include <cmath>
 #include <string>
 
-#include "common/attention_checks.h"
-#include "common/ffi_helpers.h"
 #include "common/registry.h"
+#include "sparsek/checks.h"
+#include "sparsek/ffi_bindings.h"
 #include "sparsek/sparsek_cpu.h"
 
 namespace jax_sparsek::sparsek {
@@ -43,37 +44,15 @@ namespace {
 
 std::string Str(int64_t x) { return std::to_string(x); }
 
-ffi::Error CheckSelectionAttrs(int64_t k_select, int64_t window) {
-  if (k_select < 1) return ffi::Error::InvalidArgument("k_select must be >= 1, got " + Str(k_select));
-  if (window < 0) return ffi::Error::InvalidArgument("window must be >= 0, got " + Str(window));
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckScores(const ffi::AnyBuffer& scores, int64_t B, int64_t S, int64_t K) {
-  JSK_RETURN_IF_ERROR(ExpectDtype("scores", scores, ffi::DataType::F32));
-  return ExpectShape("scores", scores, {B, S, K});
-}
-
-// q, k, v shapes and dtypes, scores, and the selection (tau, kth) of the T queries; fills the
-// shape read from q, k, v and the kernels' problem.
+// The shared checks plus the values of kth (host memory here): the kernels index keys by it.
 ffi::Error CheckAttention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                           const ffi::AnyBuffer& v, const ffi::AnyBuffer& scores,
                           const ffi::AnyBuffer& tau, const ffi::AnyBuffer& kth, float scale,
                           int64_t k_select, int64_t window, bool causal, AttentionShape* s,
                           Problem* p) {
-  JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, s));
-  // The same keys with the window clipped to S + T, and no overflow in p_i + window.
+  JSK_RETURN_IF_ERROR(CheckAttentionArgs(q, k, v, scores, tau, kth, scale, k_select, window, s));
   *p = Problem{s->B, s->T, s->S, s->N, s->K, s->D, s->Dv, k_select,
-               std::min(window, s->S + s->T), causal, scale};
-  JSK_RETURN_IF_ERROR(CheckScores(scores, p->B, p->S, p->K));
-  JSK_RETURN_IF_ERROR(CheckSelectionAttrs(k_select, window));
-  if (!std::isfinite(scale))
-    return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
-  JSK_RETURN_IF_ERROR(ExpectDtype("tau", tau, ffi::DataType::F32));
-  JSK_RETURN_IF_ERROR(ExpectShape("tau", tau, {p->B, p->K, p->T}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("kth", kth, ffi::DataType::S32));
-  JSK_RETURN_IF_ERROR(ExpectShape("kth", kth, {p->B, p->K, p->T}));
-  // The kernels index keys by kth: refuse anything that is not a candidate index or -1.
+               ClippedWindow(window, s->S, s->T), causal, scale};
   const int32_t* kth_data = reinterpret_cast<const int32_t*>(kth.untyped_data());
   for (int64_t x = 0; x < p->B * p->K * p->T; ++x) {
     const int64_t i = x % p->T;
@@ -84,23 +63,16 @@ ffi::Error CheckAttention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   return ffi::Error::Success();
 }
 
-ffi::Error CheckLike(const char* what, const ffi::AnyBuffer& buf, ffi::DataType dtype,
-                     std::initializer_list<int64_t> shape) {
-  JSK_RETURN_IF_ERROR(ExpectDtype(what, buf, dtype));
-  return ExpectShape(what, buf, shape);
-}
-
 ffi::Error SelectImpl(ffi::AnyBuffer scores, ffi::Result<ffi::AnyBuffer> tau,
                       ffi::Result<ffi::AnyBuffer> kth, int64_t k_select, int64_t window,
                       bool causal, int64_t num_queries) {
-  int64_t sd[3] = {};
-  JSK_RETURN_IF_ERROR(GetDims("scores", scores, sd));
-  JSK_RETURN_IF_ERROR(ExpectDtype("scores", scores, ffi::DataType::F32));
+  int64_t B = 0, S = 0, K = 0;
+  JSK_RETURN_IF_ERROR(ReadScoresShape(scores, &B, &S, &K));
   JSK_RETURN_IF_ERROR(CheckSelectionAttrs(k_select, window));
   if (num_queries < 1)
     return ffi::Error::InvalidArgument("num_queries must be >= 1, got " + Str(num_queries));
-  const Problem p{sd[0], num_queries, sd[1], sd[2], sd[2], 0, 0, k_select,
-                  std::min(window, sd[1] + num_queries), causal, 1.0f};
+  const Problem p{B, num_queries, S, K, K, 0, 0, k_select, ClippedWindow(window, S, num_queries),
+                  causal, 1.0f};
   JSK_RETURN_IF_ERROR(CheckLike("tau", *tau, ffi::DataType::F32, {p.B, p.K, p.T}));
   JSK_RETURN_IF_ERROR(CheckLike("kth", *kth, ffi::DataType::S32, {p.B, p.K, p.T}));
   SelectCpu(p, reinterpret_cast<const float*>(scores.untyped_data()),
@@ -166,50 +138,9 @@ ffi::Error BackwardImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsekSelectCpu, SelectImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // scores
-                                  .Ret<ffi::AnyBuffer>()  // tau
-                                  .Ret<ffi::AnyBuffer>()  // kth
-                                  .Attr<int64_t>("k_select")
-                                  .Attr<int64_t>("window")
-                                  .Attr<bool>("causal")
-                                  .Attr<int64_t>("num_queries"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsekFwdCpu, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // scores
-                                  .Arg<ffi::AnyBuffer>()  // tau
-                                  .Arg<ffi::AnyBuffer>()  // kth
-                                  .Ret<ffi::AnyBuffer>()  // o
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("k_select")
-                                  .Attr<int64_t>("window")
-                                  .Attr<bool>("causal"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsekBwdCpu, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // scores
-                                  .Arg<ffi::AnyBuffer>()  // tau
-                                  .Arg<ffi::AnyBuffer>()  // kth
-                                  .Arg<ffi::AnyBuffer>()  // o
-                                  .Arg<ffi::AnyBuffer>()  // lse
-                                  .Arg<ffi::AnyBuffer>()  // do
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::AnyBuffer>()  // dscores
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("k_select")
-                                  .Attr<int64_t>("window")
-                                  .Attr<bool>("causal"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsekSelectCpu, SelectImpl, SelectBinding<false>(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsekFwdCpu, ForwardImpl, ForwardBinding<false>(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsekBwdCpu, BackwardImpl, BackwardBinding<false>(ffi::Ffi::Bind()));
 
 JAX_SPARSEK_REGISTER_FFI("jax_sparsek_sparsek_select", "cpu", SparsekSelectCpu);
 JAX_SPARSEK_REGISTER_FFI("jax_sparsek_sparsek_fwd", "cpu", SparsekFwdCpu);

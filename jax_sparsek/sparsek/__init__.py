@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import types
+
 from jax_sparsek import _ffi
+from jax_sparsek._attention_vjp import cuda_unsupported
 from jax_sparsek.sparsek import ffi as _sparsek_ffi
 from jax_sparsek.sparsek import reference as _reference
 from jax_sparsek.sparsek.operator import sparsek, sparsek_threshold
@@ -24,13 +27,18 @@ def sparsek_attention(q, k, v, scores, *, k_select: int, window: int, causal: bo
         non-causal: one selection over all keys, window |p_i - j| < window.
       scale: logit scale, 1/sqrt(D) by default.
       implementation: None (the FFI kernels when this build has them for the default
-        backend, else the reference), "ffi" or "xla" (the pure-JAX reference).
+        backend and, on CUDA, the inputs are bf16/fp16 with D = Dv in {64, 128}; else the
+        reference), "ffi" or "xla" (the pure-JAX reference).
 
     Returns [B, T, N, Dv] in q's dtype; differentiable w.r.t. q, k, v and scores.
     """
     _, k_select, window, causal, scale = _reference.check_sparsek_inputs(
         q, k, v, scores, k_select, window, causal, scale)
-    if _ffi.resolve_implementation(implementation, _sparsek_ffi.TARGETS) == "xla":
+    platform = _ffi.default_platform()
+    unsupported = cuda_unsupported(q, types.SimpleNamespace(D=q.shape[3], Dv=v.shape[3]))
+    if _ffi.resolve_implementation(implementation, _sparsek_ffi.targets_for(platform),
+                                   unsupported) == "xla":
         return _reference.sparsek_attention_dense(q, k, v, scores, k_select=k_select,
                                                   window=window, causal=causal, scale=scale)
-    return _sparsek_ffi.sparsek_attention_ffi(q, k, v, scores, k_select, window, causal, scale)
+    return _sparsek_ffi.sparsek_attention_ffi(q, k, v, scores, k_select, window, causal, scale,
+                                              "cuda" if platform == "cuda" else "cpu")

@@ -38,6 +38,12 @@ struct BwdArgs {
   const float* lse;
   void *dq, *dk, *dv;
   float* dq_accum;  // [B,T,N,D] fp32 workspace
+  // Accumulation mode (SparseK's window part, which more kernels add to afterwards): when
+  // non-null, fp32 [B,S,K,D] buffers that receive dk (scaled) and dv, every key row written,
+  // instead of the 16-bit dk / dv; dq_accum then keeps the unscaled dq sum and dq is not
+  // converted (it holds delta on return).
+  float* dk_accum = nullptr;
+  float* dv_accum = nullptr;
 };
 
 // Which forward kernel runs: the Hopper warp-specialized wgmma kernel (default) or the

@@ -7,6 +7,8 @@
 //      pipeline, and the CTA accumulates dK and dV in registers (no atomics, deterministic)
 //      and adds its dQ share to the fp32 workspace with atomics;
 //   3. dq_convert_kernel: dq = scale * dq_accum in the input dtype.
+// Accumulation mode (BwdArgs::dk_accum / dv_accum set, used by SparseK's window part): step 2
+// stores fp32 dk and dv into those buffers instead, and step 3 is skipped.
 #include <algorithm>
 
 #include "attention_kernels.h"
@@ -27,6 +29,7 @@ struct BwdKernelParams {
   const float* delta;  // [B, N, T]
   float* dq_accum;     // [B, T, N, D]
   void *dk, *dv;       // [B, S, K, D]
+  float *dk_accum, *dv_accum;  // [B, S, K, D] fp32 in accumulation mode, else null
 };
 
 template <int D>
@@ -283,12 +286,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     nxt = after;
   }
 
-  // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO, keys < S.
+  // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO, keys < S (every key row is written,
+  // also in key tiles that no query sees).
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     const int j = key_a + 8 * ri;
     if (j >= S) continue;
     const int64_t off = ((int64_t(b) * S + j) * p.K + kvh) * D + 2 * t4;
+    if (p.dk_accum) {
+#pragma unroll
+      for (int nb = 0; nb < D / 8; ++nb) {
+        *reinterpret_cast<float2*>(p.dk_accum + off + nb * 8) =
+            make_float2(dk[nb][2 * ri] * p.scale, dk[nb][2 * ri + 1] * p.scale);
+        *reinterpret_cast<float2*>(p.dv_accum + off + nb * 8) = make_float2(dv[nb][2 * ri], dv[nb][2 * ri + 1]);
+      }
+      continue;
+    }
     Elem* dk_row = static_cast<Elem*>(p.dk) + off;
     Elem* dv_row = static_cast<Elem*>(p.dv) + off;
 #pragma unroll
@@ -365,13 +378,14 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
     return cudaErrorInvalidValue;
   }
   BwdKernelParams p{a.mask, d.N, d.K, d.group(), a.scale, a.scale * 1.4426950408889634f,
-                    a.lse, delta, a.dq_accum, a.dk, a.dv};
+                    a.lse, delta, a.dq_accum, a.dk, a.dv, a.dk_accum, a.dv_accum};
   auto kernel = bwd_kernel<kBf16, D>;
   constexpr int smem = Smem<D>::kBytes;
   if ((err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem)) != cudaSuccess) return err;
   const dim3 grid((d.S + kBN - 1) / kBN, d.K, d.B);
   kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, tdo, p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (a.dk_accum) return cudaSuccess;  // accumulation mode: the caller converts
 
   const int64_t n4 = rows * D / 4;
   const unsigned blocks = unsigned(std::min<int64_t>((n4 + 255) / 256, 1 << 16));
@@ -387,6 +401,12 @@ cudaError_t LaunchFlashBackward(const BwdArgs& a, cudaStream_t stream, std::stri
   const int64_t q_bytes = int64_t(d.B) * d.T * d.N * d.D * 2, kv_bytes = int64_t(d.B) * d.S * d.K * d.D * 2;
   if (q_bytes == 0 || kv_bytes == 0) {  // no queries or no keys: every gradient is zero
     cudaError_t err = cudaSuccess;
+    if (a.dk_accum) {  // accumulation mode: the outputs are the fp32 buffers
+      if (q_bytes) err = cudaMemsetAsync(a.dq_accum, 0, 2 * q_bytes, stream);
+      if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dk_accum, 0, 2 * kv_bytes, stream);
+      if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dv_accum, 0, 2 * kv_bytes, stream);
+      return err;
+    }
     if (q_bytes) err = cudaMemsetAsync(a.dq, 0, q_bytes, stream);
     if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dk, 0, kv_bytes, stream);
     if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dv, 0, kv_bytes, stream);

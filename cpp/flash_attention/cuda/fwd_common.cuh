@@ -68,22 +68,13 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const RowMasks& rm,
   }
 }
 
-// One online-softmax step: scales (and, for partial tiles, masks) the scores s[j][v] of row
-// row_a + 8 * (v / 2), key col0 + 8 * j + (v % 2); replaces them by exp2(s - m_new); returns
-// alpha = exp2(m_old - m_new) per row for rescaling O. l_run stays a per-thread partial sum
-// (reduced across the quad once, in finalize_rows). Rows with no visible key so far keep
-// m = -inf and produce p = 0, never NaN.
+// One online-softmax step over scores already in the log2 domain and masked (-inf = not
+// seen): replaces them by exp2(s - m_new) and returns alpha = exp2(m_old - m_new) per row for
+// rescaling O. l_run stays a per-thread partial sum (reduced across the quad once, in
+// finalize_rows). Rows with no visible key so far keep m = -inf and produce p = 0, never NaN.
 template <int NB>
-__device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)[2],
-                                               float (&l_run)[2], float (&alpha)[2],
-                                               float scale_log2, bool partial, const RowMasks& rm,
-                                               int col0) {
-#pragma unroll
-  for (int j = 0; j < NB; ++j) {
-#pragma unroll
-    for (int v = 0; v < 4; ++v) s[j][v] *= scale_log2;
-  }
-  if (partial) mask_tile(s, rm, col0);
+__device__ __forceinline__ void softmax_update_log2(float (&s)[NB][4], float (&m_run)[2],
+                                                    float (&l_run)[2], float (&alpha)[2]) {
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     float mx = -INFINITY;
@@ -104,6 +95,22 @@ __device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)
     }
     l_run[ri] = l_run[ri] * alpha[ri] + sum;
   }
+}
+
+// The same step on raw scores s[j][v] (row row_a + 8 * (v / 2), key col0 + 8 * j + (v % 2)):
+// scales them into the log2 domain and, for partial tiles, masks them first.
+template <int NB>
+__device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)[2],
+                                               float (&l_run)[2], float (&alpha)[2],
+                                               float scale_log2, bool partial, const RowMasks& rm,
+                                               int col0) {
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) s[j][v] *= scale_log2;
+  }
+  if (partial) mask_tile(s, rm, col0);
+  softmax_update_log2(s, m_run, l_run, alpha);
 }
 
 // Row normalizers and natural-log LSE (-inf and a zero output for rows that saw no key).

@@ -1,6 +1,6 @@
 // Thin inline-PTX wrappers shared by the attention kernels (sm_90a): mma.sync and ldmatrix
 // for the warp-level kernels, mbarrier + TMA (cp.async.bulk.tensor) for tile loads, named
-// barriers, fast exp2, and 16-bit packing. The wgmma wrappers live in wgmma.cuh.
+// barriers, cp.async row gathers, fast exp2, and 16-bit packing. The wgmma wrappers live in wgmma.cuh.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (types only: the driver entry point is fetched at run time)
@@ -79,6 +79,19 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+
+// ---- cp.async (gathers of rows by index, where TMA's boxes do not apply) ---------------
+// Copies 16 bytes global -> shared, or writes 16 zero bytes when !valid (src is then unread).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Waits until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // ---- the shared-memory tile format --------------------------------------------------

@@ -1,0 +1,115 @@
+"""Sanitizer runs and timings of the CUDA SparseK kernels (correctness lives in
+tests/sparsek/test_sparsek_cuda.py). Run on an H100 from the repository root after building
+(`tools/dev_build.sh -DJAX_SPARSEK_CUDA=ON`):
+
+    PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py sanitize   # memcheck, small shapes
+    PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py time       # the BENCHMARKS presets
+
+`time` reports, per preset, the median of the selection alone, the forward and forward+backward
+next to jax.nn's cuDNN kernel on the same q, k, v (dense causal and the causal sliding window
+with as many keys per query as SparseK attends).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.abspath(__file__)
+# (name, B, S, N, D, dtype, k_select, window)
+PRESETS = [("sparsek-seed003", 16, 4096, 96, 128, "float16", 256, 256),
+           ("sparsek-long32k", 1, 32768, 16, 128, "bfloat16", 1024, 512)]
+
+
+def inputs(B, T, S, N, K, D, dtype, seed=0):
+    import jax
+    import jax.numpy as jnp
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (B, T, N, D), dtype)
+    k = jax.random.normal(keys[1], (B, S, K, D), dtype)
+    v = jax.random.normal(keys[2], (B, S, K, D), dtype)
+    scores = 2.0 * jax.random.normal(keys[3], (B, S, K), jnp.float32)
+    return q, k, v, scores
+
+
+def sanitize_body():
+    import jax
+    import jax.numpy as jnp
+    from jax_sparsek import sparsek_attention
+    for (B, T, S, N, K, D, k_sel, w, causal) in [(1, 200, 200, 4, 2, 64, 24, 16, True),
+                                                   (1, 1, 700, 4, 4, 128, 40, 32, True),
+                                                   (2, 96, 130, 2, 2, 64, 20, 8, False)]:
+        q, k, v, scores = inputs(B, T, S, N, K, D, jnp.bfloat16)
+        f = lambda q, k, v, s: sparsek_attention(q, k, v, s, k_select=k_sel, window=w,
+                                                 causal=causal).astype(jnp.float32).sum()
+        jax.block_until_ready(jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, scores))
+    print("sanitize body done", flush=True)
+
+
+def sanitize():
+    env = dict(os.environ, XLA_PYTHON_CLIENT_ALLOCATOR="platform", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    cmd = ["compute-sanitizer", "--tool=memcheck", "--kernel-name", "kns=jax_sparsek",
+           "--print-limit", "10", sys.executable, HERE, "sanitize-body"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if "ERROR SUMMARY" in l or "done" in l
+             or "Invalid" in l or "Error" in l]
+    if r.returncode != 0:  # show what went wrong, not only the summary lines
+        lines = (r.stdout + r.stderr).splitlines()[-20:]
+    print("\n".join(lines[:20]), f"\nmemcheck rc={r.returncode}", flush=True)
+
+
+def median_ms(fn, *args, iters=10):
+    import jax
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def time_presets():
+    import jax
+    import jax.numpy as jnp
+    from jax_sparsek import sparsek_attention
+    from jax_sparsek.sparsek import ffi as sparsek_ffi
+    rows = []
+    for name, B, S, N, D, dtype, k_sel, w in PRESETS:
+        q, k, v, scores = inputs(B, S, S, N, N, D, jnp.dtype(dtype))
+        ours = jax.jit(lambda q, k, v, s: sparsek_attention(q, k, v, s, k_select=k_sel, window=w))
+        sel = jax.jit(lambda s: sparsek_ffi.select(s, num_queries=S, k_select=k_sel, window=w,
+                                                     causal=True, platform="cuda"))
+        loss = lambda f: jax.jit(jax.grad(lambda q, k, v, *s: f(q, k, v, *s).astype(jnp.float32).sum(),
+                                          argnums=(0, 1, 2)))
+        ours_bwd = jax.jit(jax.grad(lambda q, k, v, s: ours(q, k, v, s).astype(jnp.float32).sum(),
+                                    argnums=(0, 1, 2, 3)))
+        dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        keys = w + k_sel
+        window = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=(keys - 1, 0), implementation="cudnn")
+        flops = 4.0 * B * N * S * keys * D
+        for label, fn, args in [("selection", sel, (scores,)),
+                                ("sparsek fwd", ours, (q, k, v, scores)),
+                                ("sparsek fwd+bwd", ours_bwd, (q, k, v, scores)),
+                                ("cudnn causal fwd", jax.jit(dense), (q, k, v)),
+                                ("cudnn causal fwd+bwd", loss(dense), (q, k, v)),
+                                (f"cudnn window {keys} fwd", jax.jit(window), (q, k, v)),
+                                (f"cudnn window {keys} fwd+bwd", loss(window), (q, k, v))]:
+            try:
+                ms = median_ms(fn, *args)
+            except Exception as e:  # a peer that does not fit or lacks a feature
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            tf = flops / ms * 1e-9 * (3.5 if "bwd" in label else 1.0)
+            rows.append((name, label, ms, tf, ms * 1e3 / N))
+            print(f"{name:16s} {label:28s} {ms:9.3f} ms", flush=True)
+    print(f"\n{'preset':16s} {'what':28s} {'ms':>9s} {'TF/s@keys':>10s} {'us/head':>9s}")
+    for name, label, ms, tf, us in rows:
+        print(f"{name:16s} {label:28s} {ms:9.3f} {tf:10.1f} {us:9.1f}")
+
+
+if __name__ == "__main__":
+    {"sanitize": sanitize, "sanitize-body": sanitize_body, "time": time_presets}[sys.argv[1]]()

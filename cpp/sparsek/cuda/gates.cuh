@@ -1,0 +1,58 @@
+// Which gathered key a query attends and with what gate (SPEC.md section 4), shared by the
+// forward and backward gather kernels so that both passes see the same keys. The window part
+// runs separately (flash kernels with a window mask), so a gathered key never carries the
+// window's gate: causal windows and candidate sets are disjoint, and non-causal queries skip
+// listed keys inside their window.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_sparsek::cuda::sparsek {
+
+// One query's selection: candidates are keys [0, num_candidates); a candidate is selected iff
+// (u_j, j) >= (u_kth, kth) in the (score, index) order, or always when kth < 0.
+struct QuerySelection {
+  int num_candidates;
+  int kth;
+  float u_kth;
+  float tau;  // -inf: every selected key has gate 1
+  int position;
+
+  // Query i of a [T] sequence against S keys, for kv head row `u` (scores of key j at
+  // u[j * u_stride]) and the selection outputs of that (batch, kv head).
+  __device__ __forceinline__ static QuerySelection Load(int i, int T, int S, int window, bool causal,
+                                                        const float* u, int u_stride,
+                                                        const float* tau_row,
+                                                        const int32_t* kth_row) {
+    QuerySelection q;
+    q.position = i + S - T;
+    const int n = causal ? q.position - window + 1 : S;
+    q.num_candidates = n < 0 ? 0 : (n > S ? S : n);
+    // kth comes from the select call; one outside [-1, n) (a caller's bad buffer) would index
+    // out of bounds, so it selects every candidate instead.
+    const int kth = kth_row[i];
+    q.kth = kth >= 0 && kth < q.num_candidates ? kth : -1;
+    q.u_kth = q.kth >= 0 ? u[int64_t(q.kth) * u_stride] : 0.f;
+    q.tau = tau_row[i];
+    return q;
+  }
+
+  // Gate of listed key j with score uj: clip(uj - tau, 0, 1) when selected (and, non-causal,
+  // outside the query's window), else 0.
+  __device__ __forceinline__ float Gate(int j, float uj, bool causal, int window) const {
+    if (j >= num_candidates) return 0.f;
+    if (kth >= 0 && !(uj > u_kth || (uj == u_kth && j >= kth))) return 0.f;
+    if (!causal) {
+      const int dist = position > j ? position - j : j - position;
+      if (dist < window) return 0.f;
+    }
+    return fminf(fmaxf(uj - tau, 0.f), 1.f);
+  }
+
+  // 0 < uj - tau < 1 decided in double as the CPU kernel does: the gate depends on the scores.
+  __device__ __forceinline__ bool Soft(float uj) const {
+    return double(uj) > double(tau) && double(uj) < double(tau) + 1.0;
+  }
+};
+
+}  // namespace jax_sparsek::cuda::sparsek

@@ -1,0 +1,303 @@
+// Per-row logic of the SparseK selection pass (select.cu). A row is one (batch, kv head) with
+// scores u_j, j < S; query i has the candidates [0, n_i) and needs
+//   kth_i: the k-th strongest candidate in the (score, index) order (ties: larger j stronger),
+//   tau_i: the largest root of f(t) = sum_{j < n_i} clip(u_j - t, 0, 1) = k.
+// Each query is answered on its own, in O(log S) per Newton step on f (a handful of steps), from
+// structures built once per row:
+//   sorted_scores[r], key_at_rank[r]: the scores sorted ascending in that order (rank r = the
+//     r-th weakest key) and their key indices; rank_of[j] the inverse permutation;
+//   a wavelet matrix over the sequence rank_of[0..S) (key order), which gives for any prefix of
+//     keys [0, n) the m-th smallest rank, and the count and score sum of the ranks below r.
+// Everything here is plain code on those arrays so that select_algo_test.cc runs it on the host
+// against brute force (g++ -std=c++17 -O2 -Icpp cpp/sparsek/cuda/select_algo_test.cc).
+//
+// Wavelet matrix: `levels` = bit width of S, so that every rank and S itself fit. Level l splits
+// its sequence X_l (X_0 = rank_of) by bit (levels - 1 - l) of the rank: X_{l+1} is the entries
+// with that bit 0, then those with it 1, each group in X_l's order. Per level, for X_l:
+//   words[w]: bits of entries [32w, 32w + 32) (bit set = goes to the ones) and the number of
+//     ones before entry 32w, WordsPerLevel(S) of them (the last one is a sentinel when 32 | S);
+//   zero_sums[x], x <= zeros: the score sum of the first x entries of X_{l+1}, i.e. of the zeros,
+//     in double (S + 1 slots per level; the ones' part is never read).
+// A range [lo, hi) of X_l continues in X_{l+1} as [lo - ones(lo), hi - ones(hi)) for its zeros
+// and [Z + ones(lo), Z + ones(hi)) for its ones, with ones(x) the ones before entry x and Z the
+// level's zero count.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+// Host and device helpers (the same macro as masking.cuh, which plain C++ also includes).
+#ifndef JSK_HD
+#ifdef __CUDACC__
+#define JSK_HD __host__ __device__ __forceinline__
+#else
+#define JSK_HD inline
+#endif
+#endif
+
+namespace jax_sparsek::cuda::sparsek {
+
+JSK_HD int PopCount(uint32_t x) {
+#ifdef __CUDA_ARCH__
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
+}
+
+// Candidates of query i are the keys [0, NumCandidates): j <= p_i - window with
+// p_i = i + S - T when causal, every key otherwise.
+JSK_HD int NumCandidates(int i, int T, int S, int window, bool causal) {
+  if (!causal) return S;
+  const int64_t n = int64_t(i) + S - T - window + 1;
+  return n < 0 ? 0 : (n > S ? S : int(n));
+}
+
+// Sort key of a score, from its float bits: unsigned order = float order, with -0 == +0 so that
+// equal scores fall back to the index order (the stable sort keeps keys ascending).
+JSK_HD uint32_t SortKeyOfScore(uint32_t bits) {
+  if ((bits & 0x7fffffffu) == 0) bits = 0;
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+JSK_HD uint32_t ScoreOfSortKey(uint32_t key) {
+  return (key & 0x80000000u) ? key & 0x7fffffffu : ~key;
+}
+
+// ---- wavelet matrix -------------------------------------------------------------------------
+struct alignas(8) RankWord {
+  uint32_t ones_before;  // ones among the level's entries before this word
+  uint32_t bits;
+};
+
+JSK_HD int WaveletLevels(int S) {
+  int levels = 1;
+  while ((int64_t(1) << levels) <= S) ++levels;
+  return levels;
+}
+JSK_HD int WordsPerLevel(int S) { return S / 32 + 1; }
+
+// Entries of level `level` whose bit is 0: every X_l is a permutation of the ranks [0, S), so
+// this is the count of integers below S with that bit clear.
+JSK_HD int ZerosAtLevel(int S, int levels, int level) {
+  const int bit = levels - 1 - level;
+  const int64_t half = int64_t(1) << bit, rest = int64_t(S) & (2 * half - 1);
+  const int64_t ones = (int64_t(S) >> (bit + 1)) * half + (rest > half ? rest - half : 0);
+  return int(S - ones);
+}
+
+// Ones among entries [0, x) of a level.
+JSK_HD int OnesBefore(const RankWord* level_words, int x) {
+  const RankWord w = level_words[x >> 5];
+  return int(w.ones_before) + PopCount(w.bits & ((1u << (x & 31)) - 1u));
+}
+
+// The structures of one row (read-only views into the workspace).
+struct RowStructures {
+  int S, levels;
+  const float* sorted_scores;  // [S]
+  const int32_t* key_at_rank;  // [S]
+  const RankWord* words;       // [levels][WordsPerLevel(S)]
+  const double* zero_sums;     // [levels][S + 1]
+
+  JSK_HD const RankWord* level_words(int l) const { return words + int64_t(l) * WordsPerLevel(S); }
+  JSK_HD const double* level_zero_sums(int l) const { return zero_sums + int64_t(l) * (S + 1); }
+};
+
+// The m-th smallest (from 0) rank among keys [0, n); requires m < n.
+JSK_HD int SmallestRank(const RowStructures& row, int n, int m) {
+  int lo = 0, hi = n, rank = 0;  // the range of X_l holding the node's part of keys [0, n)
+  for (int l = 0; l < row.levels; ++l) {
+    const RankWord* words = row.level_words(l);
+    const int ones_lo = OnesBefore(words, lo), ones_hi = OnesBefore(words, hi);
+    const int zeros = (hi - ones_hi) - (lo - ones_lo);
+    rank <<= 1;
+    if (m < zeros) {
+      lo -= ones_lo;
+      hi -= ones_hi;
+    } else {
+      m -= zeros;
+      const int level_zeros = ZerosAtLevel(row.S, row.levels, l);
+      lo = level_zeros + ones_lo;
+      hi = level_zeros + ones_hi;
+      rank |= 1;
+    }
+  }
+  return rank;
+}
+
+// Count and score sum of the keys in [0, n) whose rank is below r (r <= S).
+struct CountSum {
+  int count;
+  double sum;
+};
+JSK_HD CountSum RanksBelow(const RowStructures& row, int n, int r) {
+  CountSum out{0, 0.0};
+  int lo = 0, hi = n;
+  for (int l = 0; l < row.levels && lo < hi; ++l) {
+    const RankWord* words = row.level_words(l);
+    const int ones_lo = OnesBefore(words, lo), ones_hi = OnesBefore(words, hi);
+    const int zeros_lo = lo - ones_lo, zeros_hi = hi - ones_hi;
+    if ((r >> (row.levels - 1 - l)) & 1) {
+      // The zeros share r's higher bits and are below it here: take them, follow the ones.
+      const double* sums = row.level_zero_sums(l);
+      out.count += zeros_hi - zeros_lo;
+      out.sum += sums[zeros_hi] - sums[zeros_lo];
+      const int level_zeros = ZerosAtLevel(row.S, row.levels, l);
+      lo = level_zeros + ones_lo;
+      hi = level_zeros + ones_hi;
+    } else {
+      lo = zeros_lo;
+      hi = zeros_hi;
+    }
+  }
+  return out;
+}
+
+// ---- building one level ---------------------------------------------------------------------
+// Level l under construction: reads X_l (`ranks`), writes X_{l+1} (`next_ranks`, null for the
+// last level, whose successor nobody reads), the words and the zero sums. The builder walks X_l
+// in order with two running prefixes (ones before entry x, score sum of the zeros before x) and
+// hands each entry and each word to the functions below.
+struct LevelBuild {
+  int S, levels, level;
+  const int32_t* ranks;
+  int32_t* next_ranks;
+  RankWord* words;
+  double* zero_sums;
+
+  JSK_HD int bit() const { return levels - 1 - level; }
+  JSK_HD bool is_one(int rank) const { return (rank >> bit()) & 1; }
+};
+
+// Entry x of X_l (rank `rank`), with `ones_before` ones and `zero_sum_before` zero score sum
+// before it: its place in X_{l+1} and, for a zero, the zero prefix sum at that place.
+JSK_HD void PlaceEntry(const LevelBuild& b, int x, int rank, int ones_before,
+                       double zero_sum_before) {
+  if (b.is_one(rank)) {
+    if (b.next_ranks) b.next_ranks[ZerosAtLevel(b.S, b.levels, b.level) + ones_before] = rank;
+  } else {
+    const int place = x - ones_before;
+    if (b.next_ranks) b.next_ranks[place] = rank;
+    b.zero_sums[place] = zero_sum_before;
+  }
+}
+
+// Word w (entries [32w, 32w + 32), bit i set when entry 32w + i is a one).
+JSK_HD void StoreWord(const LevelBuild& b, int w, int ones_before, uint32_t bits) {
+  b.words[w] = RankWord{uint32_t(ones_before), bits};
+}
+
+// After every entry: the zero sum at the end of the zeros and, when 32 divides S, the sentinel
+// word that OnesBefore(S) reads.
+JSK_HD void FinishLevel(const LevelBuild& b, int total_ones, double total_zero_sum) {
+  b.zero_sums[ZerosAtLevel(b.S, b.levels, b.level)] = total_zero_sum;
+  if (b.S % 32 == 0) StoreWord(b, b.S / 32, total_ones, 0u);
+}
+
+// ---- tau --------------------------------------------------------------------------------------
+// f is continuous, nonincreasing, and linear between consecutive breakpoints {u_j, u_j - 1}.
+// The breakpoints of every key (candidate or not) bound the piece, which only splits the
+// candidates' pieces further. On the piece around t: f(s) = intercept - slope * s with
+// slope = |M| and intercept = A + sum_M u_j, where M = {candidates t < u_j <= t + 1} and
+// A = #{candidates u_j > t + 1} (the keys at u = t + 1 count in M, right of t they are inside).
+struct LinearPiece {
+  double t, f;
+  double intercept;
+  int slope;
+  double begin, end;  // breakpoints around t: the line is f on [begin, end]
+};
+
+// #{r : sorted[r] <= x}, compared in double.
+JSK_HD int CountAtMost(const float* sorted, int S, double x) {
+  int lo = 0, hi = S;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (double(sorted[mid]) <= x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+JSK_HD LinearPiece PieceAt(const RowStructures& row, int n, double t) {
+  const float* su = row.sorted_scores;
+  const int below = CountAtMost(su, row.S, t);          // ranks < below: u <= t, contribute 0
+  const int inside_end = CountAtMost(su, row.S, t + 1.0);  // ranks >= inside_end: contribute 1
+  const CountSum lower = RanksBelow(row, n, below), upper = RanksBelow(row, n, inside_end);
+  LinearPiece p;
+  p.t = t;
+  p.slope = upper.count - lower.count;
+  // An empty M sums to exactly 0 (the two descents may round differently).
+  const double inside_sum = p.slope > 0 ? upper.sum - lower.sum : 0.0;
+  p.intercept = double(n - upper.count) + inside_sum;
+  p.f = p.intercept - t * p.slope;
+  const double inf = INFINITY;
+  p.begin = fmax(below > 0 ? double(su[below - 1]) : -inf,
+                 inside_end > 0 ? double(su[inside_end - 1]) - 1.0 : -inf);
+  p.end = fmin(below < row.S ? double(su[below]) : inf,
+               inside_end < row.S ? double(su[inside_end]) - 1.0 : inf);
+  return p;
+}
+
+constexpr int kMaxTauSteps = 64;
+
+// tau for n > k candidates whose k-th largest score is theta. The root lies in [theta - 1,
+// theta): f(theta - 1) >= k (the top k count 1 each) and f(theta) < k (fewer than k candidates
+// are above theta). Safeguarded Newton on that bracket [lo, hi]: from the last evaluated point,
+// the root of its piece's line. When that root (clamped to the bracket, against rounding) lies
+// on the piece, it is f's root, and the largest one: f is flat at level k only on a piece that
+// ends at theta - 1, followed by the piece of slope >= 1 holding the keys at theta. Else the
+// bracket shrinks at the Newton point when it is inside and the step at most half the one before
+// last, at the midpoint otherwise.
+JSK_HD double SolveTau(const RowStructures& row, int n, int k, double theta) {
+  double lo = theta - 1.0, hi = theta;
+  LinearPiece p = PieceAt(row, n, lo);
+  double step = INFINITY, step_before = INFINITY;
+  for (int s = 0; s < kMaxTauSteps; ++s) {
+    double next = 0.5 * (lo + hi);
+    if (p.slope > 0) {
+      const double root = (p.intercept - k) / p.slope;
+      const double clamped = fmin(fmax(root, lo), hi);
+      if (clamped >= p.begin && clamped <= p.end) return clamped;
+      if (root > lo && root < hi && fabs(root - p.t) <= 0.5 * step_before) next = root;
+    }
+    step_before = step;
+    step = fabs(next - p.t);
+    p = PieceAt(row, n, next);
+    if (p.f >= k) {
+      lo = next;
+    } else {
+      hi = next;
+    }
+  }
+  return lo;  // not reached on finite scores: the bracket holds a single piece long before
+}
+
+// kth and tau of a query with n candidates (the CPU contract: -1 and -inf when n <= k).
+struct QuerySelectResult {
+  int kth;
+  float tau;
+};
+JSK_HD QuerySelectResult SelectQuery(const RowStructures& row, int n, int k) {
+  if (n <= k) return {-1, -INFINITY};
+  const int rank = SmallestRank(row, n, n - k);
+  return {row.key_at_rank[rank], float(SolveTau(row, n, k, double(row.sorted_scores[rank])))};
+}
+
+// ---- tile lists -------------------------------------------------------------------------------
+// The list of a tile of queries [first, last] of a row: keys j < num_keys (the last query's
+// candidate count) with rank_of[j] >= min_rank, the rank of the first query's kth (0, i.e.
+// every key, when that kth is -1). Causal: the first query's selection (k keys) plus at most
+// one new candidate per further query; rank_of is only read when first_kth >= 0.
+struct TileListSpec {
+  int num_keys;
+  int min_rank;
+};
+JSK_HD TileListSpec TileList(int last, int T, int S, int window, bool causal, int first_kth,
+                             const int32_t* rank_of) {
+  return {NumCandidates(last, T, S, window, causal), first_kth >= 0 ? rank_of[first_kth] : 0};
+}
+
+}  // namespace jax_sparsek::cuda::sparsek

@@ -1,0 +1,106 @@
+"""sparsek_attention on the CUDA kernels (skipped without a GPU): the selection against the CPU
+kernel's, values and the gradients of q, k, v and scores against the float32 reference, decoding
+shapes, and the routing of inputs the CUDA kernels do not take."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_sparsek import sparsek_attention
+from jax_sparsek.sparsek import ffi as sparsek_ffi
+from jax_sparsek.sparsek import reference as sparsek_reference
+from jax_sparsek.testing import assert_close, assert_custom_call, upcast
+
+pytestmark = pytest.mark.gpu
+GRAD_FACTOR = 4.0
+
+# (B, T, S, N, K, D, k_select, window, causal)
+CONFIGS = {
+    "causal": (2, 256, 256, 4, 4, 64, 32, 32, True),
+    "gqa-ragged": (1, 300, 300, 8, 2, 128, 40, 24, True),
+    "t-lt-s": (1, 100, 333, 4, 1, 64, 48, 16, True),
+    "t-gt-s": (1, 200, 120, 4, 2, 128, 16, 8, True),
+    "window0": (1, 192, 192, 2, 2, 64, 24, 0, True),
+    "k-covers": (1, 130, 130, 2, 1, 64, 200, 16, True),
+    "noncausal": (2, 160, 200, 4, 2, 64, 30, 12, False),
+    "decode": (2, 1, 1500, 8, 2, 128, 64, 32, True),
+    "decode-few": (1, 5, 2048, 4, 4, 64, 100, 64, True),
+}
+
+
+def make_inputs(config, dtype, seed, tied=False):
+    B, T, S, N, K, D, *_ = config
+    rng = np.random.default_rng(seed)
+    normal = lambda *s: rng.standard_normal(s, np.float32)
+    q, k, v = (jnp.asarray(normal(*s), dtype) for s in ((B, T, N, D), (B, S, K, D), (B, S, K, D)))
+    scores = 2.0 * normal(B, S, K)
+    if tied:  # few distinct values: ties in the top-k and at the SparseK breakpoints
+        scores = np.round(scores * 2.0) / 2.0
+    return q, k, v, jnp.asarray(scores)
+
+
+def options(config):
+    *_, k_select, window, causal = config
+    return dict(k_select=k_select, window=window, causal=causal)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("tied", [False, True])
+def test_selection_matches_cpu(name, tied):
+    config = CONFIGS[name]
+    T, opts = config[1], options(config)
+    scores = make_inputs(config, jnp.bfloat16, seed=3, tied=tied)[3]
+    tau, kth = sparsek_ffi.select(scores, num_queries=T, platform="cuda", **opts)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        tau_cpu, kth_cpu = sparsek_ffi.select(jax.device_put(scores, cpu), num_queries=T, **opts)
+    np.testing.assert_array_equal(np.asarray(kth), np.asarray(kth_cpu))
+    tau, tau_cpu = np.asarray(tau), np.asarray(tau_cpu)
+    np.testing.assert_array_equal(np.isfinite(tau), np.isfinite(tau_cpu))
+    finite = np.isfinite(tau_cpu)
+    np.testing.assert_allclose(tau[finite], tau_cpu[finite], rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_values_and_gradients_match_reference(name, dtype):
+    config = CONFIGS[name]
+    opts = options(config)
+    q, k, v, scores = make_inputs(config, dtype, seed=11)
+    do = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape, np.float32), dtype)
+
+    def value_and_grads(fn, q, k, v, scores, do):
+        o, vjp = jax.vjp(fn, q, k, v, scores)
+        return (o, *vjp(do))
+
+    ours = lambda q, k, v, s: sparsek_attention(q, k, v, s, implementation="ffi", **opts)
+    ref = lambda q, k, v, s: sparsek_reference.sparsek_attention_dense(
+        q, k, v, s, scale=1.0 / np.sqrt(q.shape[-1]), **opts)
+    got = jax.jit(lambda *xs: value_and_grads(ours, *xs))(q, k, v, scores, do)
+    want = jax.jit(lambda *xs: value_and_grads(ref, *xs))(*upcast(q, k, v), scores, upcast(do)[0])
+    for what, g, w in zip(("o", "dq", "dk", "dv", "dscores"), got, want):
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), what
+        if what == "dscores" and float(jnp.linalg.norm(w)) < 1e-6:  # no soft gate anywhere
+            np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-4, err_msg=what)
+            continue
+        assert_close(g, w, dtype, factor=1.0 if what == "o" else GRAD_FACTOR, what=what)
+
+
+def test_lowers_to_the_cuda_targets():
+    config = CONFIGS["causal"]
+    q, k, v, scores = make_inputs(config, jnp.bfloat16, seed=0)
+    fwd = lambda q, k, v, s: sparsek_attention(q, k, v, s, **options(config))
+    for target in (sparsek_ffi.CUDA_SELECT_TARGET, sparsek_ffi.CUDA_FWD_TARGET):
+        assert_custom_call(fwd, q, k, v, scores, target=target)
+    grad = jax.grad(lambda *xs: fwd(*xs).astype(jnp.float32).sum(), argnums=(0, 3))
+    assert_custom_call(grad, q, k, v, scores, target=sparsek_ffi.CUDA_BWD_TARGET)
+
+
+def test_float32_and_odd_head_dims_run_the_reference():
+    config = (1, 64, 64, 2, 2, 32, 8, 8, True)
+    q, k, v, scores = make_inputs(config, jnp.float32, seed=0)
+    o = sparsek_attention(q, k, v, scores, **options(config))
+    assert o.shape == q.shape
+    with pytest.raises(ValueError, match="ffi"):
+        sparsek_attention(q, k, v, scores, implementation="ffi", **options(config))

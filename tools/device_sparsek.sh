@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One call on a GPU machine for the CUDA SparseK kernels: build, the GPU tests, memcheck on
+# small shapes, timings next to cuDNN, and the benchmark harness's forward rows (JSON).
+# Logs go to $OUT (or ./device_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+nvidia-smi --query-gpu=name --format=csv,noheader
+tools/dev_build.sh -DJAX_SPARSEK_CUDA=ON -DPython_EXECUTABLE="$(command -v python3)" > "$OUT/build.log" 2>&1 \
+  || { grep -m5 error "$OUT/build.log"; exit 1; }
+timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu tests/sparsek/test_sparsek_cuda.py > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -n 3 "$OUT/tests.log"
+timeout 160 python3 cpp/sparsek/cuda/check_and_time.py sanitize 2>&1 | tee "$OUT/sanitize.log"
+timeout 200 python3 cpp/sparsek/cuda/check_and_time.py time > "$OUT/time.log" 2>&1
+echo "time rc=$?"; grep -v "^W\|^E\|^I" "$OUT/time.log" | tail -n 20
+timeout ${BENCH_TIMEOUT:-150} python3 -m benchmarks --preset sparsek-long32k sparsek-seed003 --passes fwd \
+  --impl jax_sparsek "jax.nn[cudnn]" --iters 10 > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"
+cp -r benchmarks/results "$OUT/" 2>/dev/null; true
