@@ -113,6 +113,35 @@ __device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)
   softmax_update_log2(s, m_run, l_run, alpha);
 }
 
+// O = alpha * O + P V for this warp's 16 rows: P (16 x kBN probabilities in the accumulator
+// layout, converted to 16-bit A fragments) times the kBN x D value tile at v_s (tile format).
+template <bool kBf16, int D, int kBN>
+__device__ __forceinline__ void rescale_and_add_pv(float (&o_acc)[D / 8][4], const float (&s)[kBN / 8][4],
+                                                   const float (&alpha)[2], uint32_t v_s, int lane) {
+#pragma unroll
+  for (int nb = 0; nb < D / 8; ++nb) {
+    o_acc[nb][0] *= alpha[0];
+    o_acc[nb][1] *= alpha[0];
+    o_acc[nb][2] *= alpha[1];
+    o_acc[nb][3] *= alpha[1];
+  }
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    const uint32_t a[4] = {pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]),
+                           pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]),
+                           pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t vb[4];
+      ldsm_x4_trans(vb, tile_addr(v_s, kBN, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                  np * 16 + (lane / 16) * 8));
+      mma_16816<kBf16>(o_acc[2 * np], a, vb[0], vb[1]);
+      mma_16816<kBf16>(o_acc[2 * np + 1], a, vb[2], vb[3]);
+    }
+  }
+}
+
 // Row normalizers and natural-log LSE (-inf and a zero output for rows that saw no key).
 __device__ __forceinline__ void finalize_rows(const float (&m_run)[2], const float (&l_run)[2],
                                               float (&inv)[2], float (&lse)[2]) {

@@ -100,30 +100,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
     const bool partial = tile_status(p.mask, mask, r0, kBM, c0, kBN) == kTilePartial;
     float alpha[2];
     softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, partial, row_masks, c0 + 2 * t4);
-#pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      o_acc[nb][0] *= alpha[0];
-      o_acc[nb][1] *= alpha[0];
-      o_acc[nb][2] *= alpha[1];
-      o_acc[nb][3] *= alpha[1];
-    }
-
-    // O += P V: P (this warp's 16 x 64, in registers) times the 64 x D value tile.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t vb[4];
-        ldsm_x4_trans(vb, tile_addr(v_s, kBN, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                    np * 16 + (lane / 16) * 8));
-        mma_16816<kBf16>(o_acc[2 * np], a, vb[0], vb[1]);
-        mma_16816<kBf16>(o_acc[2 * np + 1], a, vb[2], vb[3]);
-      }
-    }
+    rescale_and_add_pv<kBf16, D, kBN>(o_acc, s, alpha, v_s, lane);
 
     __syncthreads();  // every warp is done with this stage: refill it
     const int n_after = n_next < range.end ? next_tile(n_next + 1) : range.end;

@@ -5,12 +5,7 @@
 
 #include <cstdint>
 
-// Plain C++ can include this header too (masking_test.cc checks it against brute force).
-#ifdef __CUDACC__
-#define JSK_HD __host__ __device__ __forceinline__
-#else
-#define JSK_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace jax_sparsek::cuda {
 

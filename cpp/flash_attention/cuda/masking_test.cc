@@ -4,7 +4,7 @@
 //     and kTileFull is only reported for tiles whose elements are all visible;
 //   - the per-row / per-key intervals (row_keys, key_rows) plus block_on equal visible().
 // Plain C++ (not part of the extension):
-//   g++ -std=c++17 -O2 cpp/flash_attention/cuda/masking_test.cc -o /tmp/masking_test && /tmp/masking_test
+//   g++ -std=c++17 -O2 -Icpp cpp/flash_attention/cuda/masking_test.cc -o /tmp/masking_test && /tmp/masking_test
 #include <cstdio>
 #include <random>
 #include <vector>

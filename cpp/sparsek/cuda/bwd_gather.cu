@@ -597,11 +597,7 @@ cudaError_t LaunchSparsekBackward(const BackwardArgs& a, cudaStream_t stream, st
   if (d.window > 0) {
     BwdArgs f;
     f.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
-    f.mask.T = d.T;
-    f.mask.S = d.S;
-    f.mask.causal = d.causal;
-    f.mask.left = d.window - 1;
-    f.mask.right = d.causal ? -1 : d.window - 1;
+    f.mask = WindowMask(d);
     f.bf16 = a.bf16;
     f.scale = a.scale;
     f.q = a.q;

@@ -162,30 +162,8 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
     }
     float alpha[2];
     softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha);
-#pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      o_acc[nb][0] *= alpha[0];
-      o_acc[nb][1] *= alpha[0];
-      o_acc[nb][2] *= alpha[1];
-      o_acc[nb][3] *= alpha[1];
-    }
+    rescale_and_add_pv<kBf16, D, kBN>(o_acc, s, alpha, v_s, lane);
 
-    // O += P V with P (16 x 64, registers) and the gathered 64 x D value rows.
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < D / 16; ++np) {
-        uint32_t vb[4];
-        ldsm_x4_trans(vb, tile_addr(v_s, kBN, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                    np * 16 + (lane / 16) * 8));
-        mma_16816<kBf16>(o_acc[2 * np], a, vb[0], vb[1]);
-        mma_16816<kBf16>(o_acc[2 * np + 1], a, vb[2], vb[3]);
-      }
-    }
     __syncthreads();  // every warp is done with this stage: refill it
     gather_chunk(stage, chunk + 2);
   }
@@ -250,11 +228,7 @@ cudaError_t LaunchSparsekForward(const ForwardArgs& a, cudaStream_t stream, std:
   if (with_window) {
     FwdArgs w;
     w.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
-    w.mask.T = d.T;
-    w.mask.S = d.S;
-    w.mask.causal = d.causal;
-    w.mask.left = d.window - 1;
-    w.mask.right = d.causal ? -1 : d.window - 1;
+    w.mask = WindowMask(d);
     w.bf16 = a.bf16;
     w.scale = a.scale;
     w.q = a.q;

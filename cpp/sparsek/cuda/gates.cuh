@@ -7,7 +7,22 @@
 
 #include <cstdint>
 
+#include "flash_attention/cuda/masking.cuh"
+#include "sparsek/cuda/sparsek_kernels.h"
+
 namespace jax_sparsek::cuda::sparsek {
+
+// The window part's mask for the flash kernels: causal p_i - window < j <= p_i, non-causal
+// |p_i - j| < window (callers run it only when window > 0).
+inline MaskSpec WindowMask(const SparsekDims& d) {
+  MaskSpec m;
+  m.T = d.T;
+  m.S = d.S;
+  m.causal = d.causal;
+  m.left = d.window - 1;
+  m.right = d.causal ? -1 : d.window - 1;
+  return m;
+}
 
 // One query's selection: candidates are keys [0, num_candidates); a candidate is selected iff
 // (u_j, j) >= (u_kth, kth) in the (score, index) order, or always when kth < 0.

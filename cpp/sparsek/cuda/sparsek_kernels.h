@@ -19,14 +19,7 @@
 #include <cstdint>
 #include <string>
 
-// Host and device helpers (the same macro as masking.cuh, which plain C++ also includes).
-#ifndef JSK_HD
-#ifdef __CUDACC__
-#define JSK_HD __host__ __device__ __forceinline__
-#else
-#define JSK_HD inline
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace jax_sparsek::cuda::sparsek {
 
