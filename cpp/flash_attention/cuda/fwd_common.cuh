@@ -113,6 +113,24 @@ __device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)
   softmax_update_log2(s, m_run, l_run, alpha);
 }
 
+// S += Q K^T for this warp's 16 rows (Q as A fragments in registers) and the kBN x D key tile
+// at k_s (tile format).
+template <bool kBf16, int D, int kBN>
+__device__ __forceinline__ void add_qk(float (&s)[kBN / 8][4], const uint32_t (&qf)[D / 16][4],
+                                       uint32_t k_s, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kBN / 16; ++np) {
+      uint32_t kb[4];
+      ldsm_x4(kb, tile_addr(k_s, kBN, np * 16 + (lane / 16) * 8 + (lane % 8),
+                            kk * 16 + ((lane / 8) % 2) * 8));
+      mma_16816<kBf16>(s[2 * np], qf[kk], kb[0], kb[1]);
+      mma_16816<kBf16>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+    }
+  }
+}
+
 // O = alpha * O + P V for this warp's 16 rows: P (16 x kBN probabilities in the accumulator
 // layout, converted to 16-bit A fragments) times the kBN x D value tile at v_s (tile format).
 template <bool kBf16, int D, int kBN>

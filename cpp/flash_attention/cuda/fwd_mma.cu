@@ -84,17 +84,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
 
     // S = Q K^T for this warp's 16 rows x 64 keys.
     float s[kBN / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t kb[4];
-        ldsm_x4(kb, tile_addr(k_s, kBN, np * 16 + (lane / 16) * 8 + (lane % 8),
-                              kk * 16 + ((lane / 8) % 2) * 8));
-        mma_16816<kBf16>(s[2 * np], qf[kk], kb[0], kb[1]);
-        mma_16816<kBf16>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
-      }
-    }
+    add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
 
     const int c0 = n_cur * kBN;
     const bool partial = tile_status(p.mask, mask, r0, kBM, c0, kBN) == kTilePartial;

@@ -27,6 +27,7 @@
 #include "flash_attention/cuda/attention_kernels.h"
 #include "flash_attention/cuda/ptx.cuh"
 #include "sparsek/cuda/bwd_tau.cuh"
+#include "sparsek/cuda/gather.cuh"
 #include "sparsek/cuda/gates.cuh"
 #include "sparsek/cuda/sparsek_kernels.h"
 
@@ -34,8 +35,8 @@ namespace jax_sparsek::cuda::sparsek {
 namespace {
 
 constexpr int kBM = kTileQueries;  // query rows per CTA, 16 per warp
-constexpr int kBN = 64;            // gathered keys per chunk
-constexpr int kThreads = 128;
+constexpr int kBN = kGatherRows;   // gathered keys per chunk
+constexpr int kThreads = kGatherThreads;
 static_assert(kBM == kBN && kBM == 16 * (kThreads / 32), "one 16-row slice per warp; square tiles");
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -100,32 +101,6 @@ struct Smem {
   // dynamic buffer keeps ldmatrix / stmatrix conflict-free.
   static constexpr int kBytes = kScores + 2 * kBN * 4;
 };
-
-// Copies 4 bytes global -> shared, or writes 4 zero bytes when !valid (src is then unread).
-__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
-}
-
-// Gathers 64 rows of two [*, D] 16-bit tensors with the same row offsets into the swizzled
-// tiles at dst_a / dst_b: row r comes from src + row_offset(r), zero-filled when the offset is
-// negative. 16-byte pieces, consecutive threads on consecutive pieces of a row.
-template <int D, typename RowOffset>
-__device__ __forceinline__ void gather_rows(uint32_t dst_a, const uint16_t* src_a, uint32_t dst_b,
-                                            const uint16_t* src_b, RowOffset row_offset) {
-  constexpr int kPieces = D / 8, kRowsPerPass = kThreads / kPieces, kPasses = kBM / kRowsPerPass;
-  const int piece = threadIdx.x % kPieces, row0 = threadIdx.x / kPieces;
-  int64_t offset[kPasses];  // all index loads first, then the copies
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) offset[pass] = row_offset(row0 + pass * kRowsPerPass);
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) {
-    const int r = row0 + pass * kRowsPerPass;
-    const bool valid = offset[pass] >= 0;
-    const int64_t at = (valid ? offset[pass] : 0) + piece * 8;
-    cp_async_16(tile_addr(dst_a, kBM, r, piece * 8), src_a + at, valid);
-    cp_async_16(tile_addr(dst_b, kBM, r, piece * 8), src_b + at, valid);
-  }
-}
 
 // a . b over one 16-bit row split across a quad: thread t4 takes columns [t4 D/4, (t4 + 1) D/4);
 // offset < 0 (row past T) gives 0. Every lane of the quad must call it.
@@ -225,38 +200,19 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
   const int g = lane / 4, t4 = lane % 4;
   const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
   const int r0 = tile * kBM;
-  const int64_t bh = int64_t(b) * d.K + h;
-  const int32_t* list = p.tile_keys + (bh * d.num_tiles() + tile) * d.list_capacity();
-  const int count = min(max(p.tile_count[bh * d.num_tiles() + tile], 0), d.list_capacity());
-  const int num_chunks = (count + kBN - 1) / kBN;
-  const float* u_row = p.scores + int64_t(b) * d.S * d.K + h;  // u_j = u_row[j * K]
+  const TileKeyList list(d, p.tile_keys, p.tile_count, p.scores, b, h, tile);
+  const int64_t bh = list.bh;
+  const int num_chunks = (list.count + kBN - 1) / kBN;
+  const float* u_row = list.u;
 
   // Element offset of query row r0 + r in [B, T, N, D], -1 past T.
   auto query_offset = [&](int r) -> int64_t {
     const int i = r0 + r;
     return i < d.T ? ((int64_t(b) * d.T + i) * d.N + n) * D : -1;
   };
-  // Key index of list entry e, -1 past the count or out of [0, S).
-  auto list_key = [&](int e) -> int {
-    const int j = e < count ? list[e] : -1;
-    return j >= 0 && j < d.S ? j : -1;
-  };
-  // Chunk c of the list into stage `stage`: K and V rows, key indices, scores; one commit group
-  // per chunk (possibly empty) so that cp_async_wait<1> always means "chunk c has landed".
   auto gather_chunk = [&](int stage, int c) {
-    if (c < num_chunks) {
-      gather_rows<D>(sK + stage * L::kTileBytes, p.k, sV + stage * L::kTileBytes, p.v,
-                     [&](int r) -> int64_t {
-                       const int j = list_key(c * kBN + r);
-                       return j >= 0 ? ((int64_t(b) * d.S + j) * d.K + h) * D : -1;
-                     });
-      if (tid < kBN) {
-        const int j = list_key(c * kBN + tid);
-        keys_s[stage * kBN + tid] = j;
-        cp_async_4(smem_u32(u_s + stage * kBN + tid), u_row + int64_t(j >= 0 ? j : 0) * d.K, j >= 0);
-      }
-    }
-    cp_async_commit();
+    list.Gather<D>(d, b, h, c, p.k, p.v, sK + stage * L::kTileBytes, sV + stage * L::kTileBytes,
+                   keys_s + stage * kBN, u_s + stage * kBN);
   };
   if (num_chunks > 0) gather_rows<D>(sQ, p.q, sDO, p.dout, query_offset);  // joins chunk 0's group
   gather_chunk(0, 0);

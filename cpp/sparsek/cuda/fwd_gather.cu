@@ -14,12 +14,13 @@
 #include "flash_attention/cuda/fwd_common.cuh"
 #include "flash_attention/cuda/ptx.cuh"
 #include "sparsek/cuda/gates.cuh"
+#include "sparsek/cuda/gather.cuh"
 #include "sparsek/cuda/sparsek_kernels.h"
 
 namespace jax_sparsek::cuda::sparsek {
 namespace {
 
-constexpr int kBM = kTileQueries, kBN = 64, kThreads = 128;
+constexpr int kBM = kTileQueries, kBN = kGatherRows, kThreads = kGatherThreads;
 
 struct GatherFwdParams {
   SparsekDims dims;
@@ -57,15 +58,11 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
   const int g = lane / 4, t4 = lane % 4;
   const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
   const int r0 = tile * kBM;
-  const int64_t bh = int64_t(b) * d.K + h;
-  const int32_t* list = p.tile_keys + (bh * d.num_tiles() + tile) * d.list_capacity();
-  const int count = min(max(p.tile_count[bh * d.num_tiles() + tile], 0), d.list_capacity());
-  if (count == 0 && p.merge_window) return;  // the window part is the whole answer
-
-  const float* u_row = p.scores + int64_t(b) * d.S * d.K + h;  // u_j = u_row[j * K]
+  const TileKeyList list(d, p.tile_keys, p.tile_count, p.scores, b, h, tile);
+  if (list.count == 0 && p.merge_window) return;  // the window part is the whole answer
+  const int64_t bh = list.bh;
+  const float* u_row = list.u;
   const Elem* q_base = static_cast<const Elem*>(p.q);
-  const Elem* k_base = static_cast<const Elem*>(p.k);
-  const Elem* v_base = static_cast<const Elem*>(p.v);
   constexpr int kChunksPerRow = D / 8;  // 16-byte pieces of one row
 
   // Q tile (rows past T zero-filled), then chunks 0 and 1 of the list, one commit group each.
@@ -75,26 +72,11 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
     cp_async_16(tile_addr(sQ, kBM, r, col),
                 q_base + ((int64_t(b) * d.T + (valid ? i : 0)) * d.N + n) * D + col, valid);
   }
-  const int num_chunks = (count + kBN - 1) / kBN;
+  const int num_chunks = (list.count + kBN - 1) / kBN;
   auto gather_chunk = [&](int stage, int chunk) {
-    if (chunk < num_chunks) {
-      for (int c = tid; c < kBN * kChunksPerRow; c += kThreads) {
-        const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, idx = chunk * kBN + r;
-        const int j = idx < count ? list[idx] : -1;
-        const bool valid = j >= 0 && j < d.S;  // padding, or a key index out of range
-        const int64_t row = (int64_t(b) * d.S + (valid ? j : 0)) * d.K + h;
-        cp_async_16(tile_addr(sK + stage * L::kTileBytes, kBN, r, col), k_base + row * D + col, valid);
-        cp_async_16(tile_addr(sV + stage * L::kTileBytes, kBN, r, col), v_base + row * D + col, valid);
-      }
-      if (tid < kBN) {
-        const int idx = chunk * kBN + tid;
-        int j = idx < count ? list[idx] : -1;
-        j = j < d.S ? j : -1;
-        keys_s[stage * kBN + tid] = j;
-        u_s[stage * kBN + tid] = j >= 0 ? u_row[int64_t(j) * d.K] : 0.f;
-      }
-    }
-    cp_async_commit();  // possibly empty: keeps one group per chunk for cp_async_wait<1>
+    list.Gather<D>(d, b, h, chunk, static_cast<const uint16_t*>(p.k),
+                   static_cast<const uint16_t*>(p.v), sK + stage * L::kTileBytes,
+                   sV + stage * L::kTileBytes, keys_s + stage * kBN, u_s + stage * kBN);
   };
   gather_chunk(0, 0);
   gather_chunk(1, 1);
@@ -132,17 +114,7 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
 
     // S = Q K^T for this warp's 16 rows x 64 gathered keys.
     float s[kBN / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t kb[4];
-        ldsm_x4(kb, tile_addr(k_s, kBN, np * 16 + (lane / 16) * 8 + (lane % 8),
-                              kk * 16 + ((lane / 8) % 2) * 8));
-        mma_16816<kBf16>(s[2 * np], qf[kk], kb[0], kb[1]);
-        mma_16816<kBf16>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
-      }
-    }
+    add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
 
     // Log2-domain scores plus log2 of the gate: the softmax weighs key j by g_ij exp(s_ij).
 #pragma unroll
