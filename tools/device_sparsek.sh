@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU machine for the CUDA SparseK kernels: build, the GPU tests, memcheck on
-# small shapes, timings next to cuDNN, and the benchmark harness's forward rows (JSON).
+# One call on a GPU machine for the CUDA SparseK kernels: build, the GPU tests, memcheck and
+# racecheck on small shapes, timings next to cuDNN. The benchmark harness runs separately
+# (tools/device_bench.sh), on this build when called while the machine is still warm.
 # Logs go to $OUT (or ./device_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +11,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 nvidia-smi --query-gpu=name --format=csv,noheader
 tools/dev_build.sh -DJAX_SPARSEK_CUDA=ON -DPython_EXECUTABLE="$(command -v python3)" > "$OUT/build.log" 2>&1 \
   || { grep -m5 error "$OUT/build.log"; exit 1; }
+echo "[$SECONDS s] built"
 timeout 200 python3 -m pytest -p no:cacheprovider -q -m gpu tests/sparsek/test_sparsek_cuda.py > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; tail -n 3 "$OUT/tests.log"
-timeout 160 python3 cpp/sparsek/cuda/check_and_time.py sanitize 2>&1 | tee "$OUT/sanitize.log"
+echo "[$SECONDS s] tests rc=$?"; tail -n 3 "$OUT/tests.log"
 timeout 200 python3 cpp/sparsek/cuda/check_and_time.py time > "$OUT/time.log" 2>&1
-echo "time rc=$?"; grep -v "^W\|^E\|^I" "$OUT/time.log" | tail -n 20
-timeout ${BENCH_TIMEOUT:-150} python3 -m benchmarks --preset sparsek-long32k sparsek-seed003 --passes fwd \
-  --impl jax_sparsek "jax.nn[cudnn]" --iters 10 > "$OUT/bench.log" 2>&1
-echo "bench rc=$?"
-cp -r benchmarks/results "$OUT/" 2>/dev/null; true
+echo "[$SECONDS s] time rc=$?"; grep -v "^W\|^E\|^I" "$OUT/time.log" | tail -n 20
+# The sanitizers take what is left of a 10-minute call.
+timeout $(( ${CALL_SECONDS:-580} - SECONDS )) python3 cpp/sparsek/cuda/check_and_time.py sanitize 2>&1 \
+  | tee "$OUT/sanitize.log"
+echo "[$SECONDS s] done"

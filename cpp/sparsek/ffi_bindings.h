@@ -1,7 +1,8 @@
 // The FFI contract of the SparseK targets, written once for the CPU and CUDA handlers:
 // operands, then results, then attributes (the Python wrapper's order, jax_sparsek/sparsek/ffi.py).
-// The CUDA pipeline adds, per tile of queries, the list of keys the tile selects (made by its
-// select call, read by its forward and backward) and fp32 workspaces; its targets carry a
+// The CUDA pipeline adds the key lists (made by its select call, read by its forward and
+// backward: per tile of queries the keys the tile selects, and each key's score rank) and
+// workspaces; its targets carry a
 // "_cuda" suffix because their signatures differ. Contracts: sparsek_ffi.cc (CPU) and
 // cuda/ffi_handlers.cu. `bind` is ffi::Ffi::Bind() plus any platform context the handler takes
 // first (the CUDA stream).
@@ -45,27 +46,27 @@ auto AttentionAttrs(Binding&& bind) {
       .template Attr<bool>("causal");
 }
 
-// Select: scores -> tau, kth [, tile_keys, tile_count, workspace].
+// Select: scores -> tau, kth [, tile_keys, tile_count, key_rank, workspace].
 template <bool kTileLists, typename Binding>
 auto SelectBinding(Binding&& bind) {
-  return Rets<kTileLists ? 5 : 2>(Args<1>(std::move(bind)))
+  return Rets<kTileLists ? 6 : 2>(Args<1>(std::move(bind)))
       .template Attr<int64_t>("k_select")
       .template Attr<int64_t>("window")
       .template Attr<bool>("causal")
       .template Attr<int64_t>("num_queries");
 }
 
-// Forward: q, k, v, scores, tau, kth [, tile_keys, tile_count] -> o, lse.
+// Forward: q, k, v, scores, tau, kth [, tile_keys, tile_count, key_rank] -> o, lse.
 template <bool kTileLists, typename Binding>
 auto ForwardBinding(Binding&& bind) {
-  return AttentionAttrs(Rets<2>(Args<kTileLists ? 8 : 6>(std::move(bind))));
+  return AttentionAttrs(Rets<2>(Args<kTileLists ? 9 : 6>(std::move(bind))));
 }
 
-// Backward: q, k, v, scores, tau, kth [, tile_keys, tile_count], o, lse, do
+// Backward: q, k, v, scores, tau, kth [, tile_keys, tile_count, key_rank], o, lse, do
 //   -> dq, dk, dv, dscores [, workspace].
 template <bool kTileLists, typename Binding>
 auto BackwardBinding(Binding&& bind) {
-  return AttentionAttrs(Rets<kTileLists ? 5 : 4>(Args<kTileLists ? 11 : 9>(std::move(bind))));
+  return AttentionAttrs(Rets<kTileLists ? 5 : 4>(Args<kTileLists ? 12 : 9>(std::move(bind))));
 }
 
 }  // namespace jax_sparsek::sparsek

@@ -2,7 +2,8 @@
 custom_vjp tying them. Two pipelines with the same math:
 - "cpu" (contracts in cpp/sparsek/sparsek_ffi.cc): select gives tau and kth per query;
 - "cuda" (cpp/sparsek/cuda/ffi_handlers.cu): select also lists, per tile of 64 queries, the
-  keys the tile selects, which the forward and backward gather; fp32 workspaces are results.
+  keys the tile selects, which the forward and backward gather, and ranks every key by score
+  (one compare decides whether a query selects a listed key); workspaces are results.
 
 The selection runs once, in the same call as the forward, and is saved for the backward with
 o and lse. Both calls fold vmap into their batch axis and shard over batch and heads with no
@@ -38,7 +39,8 @@ def targets_for(platform: str) -> tuple[str, ...]:
 _Q, _KV, _V, _SCORES, _SEL = ("b", "t", "n", "d"), ("b", "s", "k", "d"), ("b", "s", "k", "e"), \
     ("b", "s", "k"), ("b", "k", "t")
 _O, _LSE = ("b", "t", "n", "e"), ("b", "n", "t")
-_TILE_KEYS, _TILE_COUNT = ("b", "k", "tile", "slot"), ("b", "k", "tile")
+_TILE_KEYS, _TILE_COUNT, _KEY_RANK = ("b", "k", "tile", "slot"), ("b", "k", "tile"), ("b", "k", "s")
+_KEY_LISTS = [_TILE_KEYS, _TILE_COUNT, _KEY_RANK]
 
 
 def _ffi_call(target, results, operands, attrs):
@@ -66,7 +68,7 @@ def _workspace(x, nbytes: int):
 
 
 def _select_call_cuda(scores, num_queries, k_select, window, causal):
-    """(tau, kth, tile_keys, tile_count) by the CUDA selection."""
+    """(tau, kth, tile_keys, tile_count, key_rank) by the CUDA selection."""
     B, S, K = scores.shape
     window = min(window, S + num_queries)
     tiles = -(-num_queries // TILE_QUERIES)
@@ -77,10 +79,11 @@ def _select_call_cuda(scores, num_queries, k_select, window, causal):
                _ffi.result_like(scores, (B, K, num_queries), jnp.int32),
                _ffi.result_like(scores, (B, K, tiles, capacity), jnp.int32),
                _ffi.result_like(scores, (B, K, tiles), jnp.int32),
+               _ffi.result_like(scores, (B, K, S), jnp.int32),
                _workspace(scores, nbytes))
     out = _ffi_call(CUDA_SELECT_TARGET, results, (scores,),
                     _select_attrs(num_queries, k_select, window, causal))
-    return out[:4]
+    return out[:5]
 
 
 def _attrs(scale, k_select, window, causal):
@@ -99,7 +102,8 @@ def select(scores, *, num_queries: int, k_select: int, window: int, causal: bool
 
 def forward(q, k, v, scores, *, scale, k_select, window, causal, platform="cpu"):
     """Selection then forward: (o [B, T, N, Dv] in q's dtype, lse f32 [B, N, T], selection),
-    the selection being (tau, kth) on the CPU and (tau, kth, tile_keys, tile_count) on CUDA."""
+    the selection being (tau, kth) on the CPU and (tau, kth, tile_keys, tile_count, key_rank)
+    on CUDA."""
     cuda = platform == "cuda"
 
     def body(q, k, v, scores):
@@ -112,7 +116,7 @@ def forward(q, k, v, scores, *, scale, k_select, window, causal, platform="cpu")
                            (q, k, v, scores, *selection), _attrs(scale, k_select, window, causal))
         return (o, lse, *selection)
 
-    selection_dims = [_SEL, _SEL] + ([_TILE_KEYS, _TILE_COUNT] if cuda else [])
+    selection_dims = [_SEL, _SEL] + (_KEY_LISTS if cuda else [])
     out = _ffi.batched_call(body, (q, k, v, scores), [_Q, _KV, _V, _SCORES],
                             [_O, _LSE, *selection_dims], name="sparsek_attention")
     return out[0], out[1], tuple(out[2:])
@@ -136,7 +140,7 @@ def backward(q, k, v, scores, selection, o, lse, do, *, scale, k_select, window,
                         _attrs(scale, k_select, window, causal))
         return out[:4]
 
-    selection_dims = [_SEL, _SEL] + ([_TILE_KEYS, _TILE_COUNT] if cuda else [])
+    selection_dims = [_SEL, _SEL] + (_KEY_LISTS if cuda else [])
     return _ffi.batched_call(body, (q, k, v, scores, *selection, o, lse, do),
                              [_Q, _KV, _V, _SCORES, *selection_dims, _O, _LSE, _O],
                              [_Q, _KV, _V, _SCORES], name="sparsek_attention")

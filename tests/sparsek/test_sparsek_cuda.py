@@ -62,6 +62,33 @@ def test_selection_matches_cpu(name, tied):
     np.testing.assert_allclose(tau[finite], tau_cpu[finite], rtol=1e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("name", ["causal", "t-lt-s", "noncausal", "decode-few"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_key_ranks_follow_the_score_order(name, tied):
+    """key_rank (read by the forward's selection test) ranks each row's keys by ascending
+    (score, index), -0 and +0 equal; tile lists hold ascending, in-range, distinct keys."""
+    config = CONFIGS[name]
+    T, opts = config[1], options(config)
+    scores = np.array(make_inputs(config, jnp.bfloat16, seed=5, tied=tied)[3])
+    if tied:
+        scores[:, ::7] = -0.0  # signed zeros among the ties
+        scores[:, 3::7] = 0.0
+    B, S, K = scores.shape
+    _, _, tile_keys, tile_count, key_rank = jax.jit(
+        lambda s: sparsek_ffi._select_call_cuda(s, T, opts["k_select"], opts["window"],
+                                                opts["causal"]))(jnp.asarray(scores))
+    key_rank, tile_keys, tile_count = map(np.asarray, (key_rank, tile_keys, tile_count))
+    for b in range(B):
+        for h in range(K):
+            order = np.lexsort((np.arange(S), scores[b, :, h]))  # ascending score, then index
+            expected = np.empty(S, np.int32)
+            expected[order] = np.arange(S)
+            np.testing.assert_array_equal(key_rank[b, h], expected)
+            for t in range(tile_keys.shape[2]):
+                listed = tile_keys[b, h, t, :tile_count[b, h, t]]
+                assert np.all(np.diff(listed) > 0) and np.all((listed >= 0) & (listed < S))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_values_and_gradients_match_reference(name, dtype):

@@ -72,9 +72,12 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const RowMasks& rm,
 // seen): replaces them by exp2(s - m_new) and returns alpha = exp2(m_old - m_new) per row for
 // rescaling O. l_run stays a per-thread partial sum (reduced across the quad once, in
 // finalize_rows). Rows with no visible key so far keep m = -inf and produce p = 0, never NaN.
+// With `weight` (in [0, 1]; SparseK's gates), p = weight * exp2(s - m_new): the max is taken
+// over the unweighted scores, which keeps p <= 1 and costs no log2 per element.
 template <int NB>
 __device__ __forceinline__ void softmax_update_log2(float (&s)[NB][4], float (&m_run)[2],
-                                                    float (&l_run)[2], float (&alpha)[2]) {
+                                                    float (&l_run)[2], float (&alpha)[2],
+                                                    const float (*weight)[4] = nullptr) {
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     float mx = -INFINITY;
@@ -91,6 +94,10 @@ __device__ __forceinline__ void softmax_update_log2(float (&s)[NB][4], float (&m
     for (int j = 0; j < NB; ++j) {
       s[j][2 * ri] = fast_exp2(s[j][2 * ri] - m_use);
       s[j][2 * ri + 1] = fast_exp2(s[j][2 * ri + 1] - m_use);
+      if (weight) {
+        s[j][2 * ri] *= weight[j][2 * ri];
+        s[j][2 * ri + 1] *= weight[j][2 * ri + 1];
+      }
       sum += s[j][2 * ri] + s[j][2 * ri + 1];
     }
     l_run[ri] = l_run[ri] * alpha[ri] + sum;

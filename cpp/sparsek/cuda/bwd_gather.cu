@@ -82,7 +82,7 @@ struct GatherBwdParams {
   float scale, scale_log2;
   const uint16_t *q, *k, *v, *o, *dout;  // 16-bit storage
   const float *scores, *tau, *lse;
-  const int32_t *kth, *tile_keys, *tile_count;
+  const int32_t *kth, *tile_keys, *tile_count, *key_rank;
   float *dq_accum, *dk_accum, *dv_accum;
   double *mask_grad, *du;
 };
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
   const int g = lane / 4, t4 = lane % 4;
   const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
   const int r0 = tile * kBM;
-  const TileKeyList list(d, p.tile_keys, p.tile_count, p.scores, b, h, tile);
+  const TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, tile);
   const int64_t bh = list.bh;
   const int num_chunks = (list.count + kBN - 1) / kBN;
   const float* u_row = list.u;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
   };
   auto gather_chunk = [&](int stage, int c) {
     list.Gather<D>(d, b, h, c, p.k, p.v, sK + stage * L::kTileBytes, sV + stage * L::kTileBytes,
-                   keys_s + stage * kBN, u_s + stage * kBN);
+                   keys_s + stage * kBN, u_s + stage * kBN, /*rank_dst=*/nullptr);
   };
   if (num_chunks > 0) gather_rows<D>(sQ, p.q, sDO, p.dout, query_offset);  // joins chunk 0's group
   gather_chunk(0, 0);
@@ -230,11 +230,12 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
     const int i = row_a + 8 * ri;
     delta[ri] = quad_row_dot<kBf16, D>(p.o, p.dout, query_offset(i - r0), t4);
     if (i < d.T) {
-      sel[ri] = QuerySelection::Load(i, d.T, d.S, d.window, d.causal, u_row, d.K, tau_row, kth_row);
+      sel[ri] = QuerySelection::Load(i, d.T, d.S, d.window, d.causal, u_row, d.K, tau_row, kth_row,
+                                     list.rank);
       const float lse = p.lse[(int64_t(b) * d.N + n) * d.T + i];
       lse2[ri] = lse == -INFINITY ? INFINITY : lse * kLog2e;
     } else {
-      sel[ri] = QuerySelection{0, -1, 0.f, -INFINITY, 0};  // selects nothing
+      sel[ri] = QuerySelection::None();
       lse2[ri] = INFINITY;
     }
   }
@@ -294,7 +295,8 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
         float col_dm = 0.f;
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri) {
-          const float gate = j >= 0 ? sel[ri].Gate(j, uj, d.causal, d.window) : 0.f;
+          const bool selected = j >= 0 && sel[ri].SelectsByScore(j, uj);
+          const float gate = sel[ri].Gate(selected, j, uj, d.causal, d.window);
           const float ex = fast_exp2(s[nb][2 * ri + e] * p.scale_log2 - lse2[ri]);
           const float dpd = dp[nb][2 * ri + e] - delta[ri];
           const float pij = gate > 0.f ? gate * ex : 0.f;
@@ -510,7 +512,7 @@ cudaError_t LaunchGather(const BackwardArgs& a, const Workspace& w, cudaStream_t
                           static_cast<const uint16_t*>(a.q), static_cast<const uint16_t*>(a.k),
                           static_cast<const uint16_t*>(a.v), static_cast<const uint16_t*>(a.o),
                           static_cast<const uint16_t*>(a.do_), a.scores, a.tau, a.lse, a.kth,
-                          a.tile_keys, a.tile_count, w.dq_accum, w.dk_accum, w.dv_accum,
+                          a.tile_keys, a.tile_count, a.key_rank, w.dq_accum, w.dk_accum, w.dv_accum,
                           w.mask_grad, w.du};
   auto kernel = gather_bwd_kernel<kBf16, D>;
   constexpr int smem = Smem<D>::kBytes;

@@ -2,7 +2,7 @@
 tests/sparsek/test_sparsek_cuda.py). Run on an H100 from the repository root after building
 (`tools/dev_build.sh -DJAX_SPARSEK_CUDA=ON`):
 
-    PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py sanitize   # memcheck, small shapes
+    PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py sanitize   # memcheck, racecheck
     PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py time       # the BENCHMARKS presets
 
 `time` reports, per preset, the median of the selection alone, the window part alone (the flash
@@ -50,15 +50,23 @@ def sanitize_body():
 
 
 def sanitize():
+    """memcheck, then racecheck (shared-memory hazards of the gather kernels' stages), on the
+    small calls of sanitize_body; $SANITIZE_TOOLS picks a subset."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_ALLOCATOR="platform", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    cmd = ["compute-sanitizer", "--tool=memcheck", "--kernel-name", "kns=jax_sparsek",
-           "--print-limit", "10", sys.executable, HERE, "sanitize-body"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    lines = [l for l in (r.stdout + r.stderr).splitlines() if "ERROR SUMMARY" in l or "done" in l
-             or "Invalid" in l or "Error" in l]
-    if r.returncode != 0:  # show what went wrong, not only the summary lines
-        lines = (r.stdout + r.stderr).splitlines()[-20:]
-    print("\n".join(lines[:20]), f"\nmemcheck rc={r.returncode}", flush=True)
+    for tool in os.environ.get("SANITIZE_TOOLS", "memcheck,racecheck").split(","):
+        cmd = ["compute-sanitizer", f"--tool={tool}", "--kernel-name", "kns=jax_sparsek",
+               "--print-limit", "10", sys.executable, HERE, "sanitize-body"]
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired:
+            print(f"{tool}: timed out after 150 s", flush=True)
+            continue
+        out = (r.stdout + r.stderr).splitlines()
+        lines = [l for l in out if "SUMMARY" in l or "done" in l or "Invalid" in l
+                 or "Error" in l or "Race" in l or "hazard" in l.lower()]
+        if r.returncode != 0:  # show what went wrong, not only the summary lines
+            lines = out[-20:]
+        print("\n".join(lines[:20]), f"\n{tool} rc={r.returncode}", flush=True)
 
 
 def median_ms(fn, *args, iters=10):
@@ -95,7 +103,7 @@ def time_presets():
         flops = 4.0 * B * N * S * keys * D
         for label, fn, args in [("selection", sel, (scores,)),
                                 ("window part (flash kernel)", window_part, (q, k, v)),
-                ("sparsek fwd", ours, (q, k, v, scores)),
+                                ("sparsek fwd", ours, (q, k, v, scores)),
                                 ("sparsek fwd+bwd", ours_bwd, (q, k, v, scores)),
                                 ("cudnn causal fwd", jax.jit(dense), (q, k, v)),
                                 ("cudnn causal fwd+bwd", loss(dense), (q, k, v)),

@@ -1,13 +1,15 @@
 // XLA FFI handlers (platform "CUDA") of SparseK attention. The CUDA pipeline passes, besides the
-// CPU contract's tau and kth (sparsek_ffi.cc), each query tile's key list from the select call to
-// the forward and backward, and takes fp32 workspaces as extra results (allocated by XLA, so
-// the handlers stay CUDA-graph compatible). Signatures in ../ffi_bindings.h:
-//   jax_sparsek_sparsek_select_cuda(scores) -> (tau, kth, tile_keys, tile_count, workspace)
+// CPU contract's tau and kth (sparsek_ffi.cc), the key lists from the select call to the forward
+// and backward (each query tile's listed keys, each key's score rank), and takes workspaces as
+// extra results (allocated by XLA, so the handlers stay CUDA-graph compatible). Signatures in
+// ../ffi_bindings.h ("lists" = tile_keys, tile_count, key_rank):
+//   jax_sparsek_sparsek_select_cuda(scores) -> (tau, kth, lists, workspace)
 //       attrs k_select, window, causal, num_queries
-//   jax_sparsek_sparsek_fwd_cuda(q, k, v, scores, tau, kth, tile_keys, tile_count) -> (o, lse)
-//   jax_sparsek_sparsek_bwd_cuda(q, k, v, scores, tau, kth, tile_keys, tile_count, o, lse, do)
+//   jax_sparsek_sparsek_fwd_cuda(q, k, v, scores, tau, kth, lists) -> (o, lse)
+//   jax_sparsek_sparsek_bwd_cuda(q, k, v, scores, tau, kth, lists, o, lse, do)
 //       -> (dq, dk, dv, dscores, workspace)           attrs scale, k_select, window, causal
-// tile_keys s32 [B, K, ceil(T / 64), min(k_select, S) + 64], tile_count s32 [B, K, ceil(T / 64)];
+// tile_keys s32 [B, K, ceil(T / 64), min(k_select, S) + 64], tile_count s32 [B, K, ceil(T / 64)],
+// key_rank s32 [B, K, S];
 // workspaces u8 of select_workspace_bytes / backward_workspace_bytes (the extension module
 // exports both). q/k/v in bf16 or fp16 with D = Dv in {64, 128}. The kernels trust the lists
 // and kth to come from the select call, but clamp every key index they read into [0, S).
@@ -36,11 +38,13 @@ SparsekDims MakeDims(int64_t B, int64_t T, int64_t S, int64_t N, int64_t K, int6
           int(std::min<int64_t>(k_select, int64_t(1) << 30)), int(ClippedWindow(window, S, T)), causal};
 }
 
-ffi::Error CheckTileLists(const SparsekDims& d, const ffi::AnyBuffer& tile_keys,
-                          const ffi::AnyBuffer& tile_count) {
+ffi::Error CheckKeyLists(const SparsekDims& d, const ffi::AnyBuffer& tile_keys,
+                         const ffi::AnyBuffer& tile_count, const ffi::AnyBuffer& key_rank) {
   JSK_RETURN_IF_ERROR(CheckLike("tile_keys", tile_keys, ffi::DataType::S32,
                                 {d.B, d.K, d.num_tiles(), d.list_capacity()}));
-  return CheckLike("tile_count", tile_count, ffi::DataType::S32, {d.B, d.K, d.num_tiles()});
+  JSK_RETURN_IF_ERROR(
+      CheckLike("tile_count", tile_count, ffi::DataType::S32, {d.B, d.K, d.num_tiles()}));
+  return CheckLike("key_rank", key_rank, ffi::DataType::S32, {d.B, d.K, d.S});
 }
 
 ffi::Error CheckWorkspace(const char* what, const ffi::AnyBuffer& ws, size_t need) {
@@ -54,7 +58,8 @@ ffi::Error CheckWorkspace(const char* what, const ffi::AnyBuffer& ws, size_t nee
 ffi::Error CheckAttention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
                           const ffi::AnyBuffer& scores, const ffi::AnyBuffer& tau,
                           const ffi::AnyBuffer& kth, const ffi::AnyBuffer& tile_keys,
-                          const ffi::AnyBuffer& tile_count, float scale, int64_t k_select,
+                          const ffi::AnyBuffer& tile_count, const ffi::AnyBuffer& key_rank,
+                          float scale, int64_t k_select,
                           int64_t window, bool causal, AttentionShape* s, SparsekDims* d,
                           bool* bf16) {
   JSK_RETURN_IF_ERROR(CheckAttentionArgs(q, k, v, scores, tau, kth, scale, k_select, window, s));
@@ -68,7 +73,7 @@ ffi::Error CheckAttention(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, cons
   JSK_RETURN_IF_ERROR(CheckSizes(s->B, s->T, s->S, s->N, s->K));
   *d = MakeDims(s->B, s->T, s->S, s->N, s->K, s->D, k_select, window, causal);
   *bf16 = dt == ffi::DataType::BF16;
-  return CheckTileLists(*d, tile_keys, tile_count);
+  return CheckKeyLists(*d, tile_keys, tile_count, key_rank);
 }
 
 ffi::Error LaunchResult(cudaError_t err, const std::string& detail, const char* what) {
@@ -84,7 +89,8 @@ const T* Data(const ffi::AnyBuffer& b) { return static_cast<const T*>(b.untyped_
 
 ffi::Error SelectImpl(cudaStream_t stream, ffi::AnyBuffer scores, ffi::Result<ffi::AnyBuffer> tau,
                       ffi::Result<ffi::AnyBuffer> kth, ffi::Result<ffi::AnyBuffer> tile_keys,
-                      ffi::Result<ffi::AnyBuffer> tile_count, ffi::Result<ffi::AnyBuffer> workspace,
+                      ffi::Result<ffi::AnyBuffer> tile_count, ffi::Result<ffi::AnyBuffer> key_rank,
+                      ffi::Result<ffi::AnyBuffer> workspace,
                       int64_t k_select, int64_t window, bool causal, int64_t num_queries) {
   int64_t B = 0, S = 0, K = 0;
   JSK_RETURN_IF_ERROR(ReadScoresShape(scores, &B, &S, &K));
@@ -95,12 +101,13 @@ ffi::Error SelectImpl(cudaStream_t stream, ffi::AnyBuffer scores, ffi::Result<ff
   const SparsekDims d = MakeDims(B, num_queries, S, K, K, 0, k_select, window, causal);
   JSK_RETURN_IF_ERROR(CheckLike("tau", *tau, ffi::DataType::F32, {B, K, num_queries}));
   JSK_RETURN_IF_ERROR(CheckLike("kth", *kth, ffi::DataType::S32, {B, K, num_queries}));
-  JSK_RETURN_IF_ERROR(CheckTileLists(d, *tile_keys, *tile_count));
+  JSK_RETURN_IF_ERROR(CheckKeyLists(d, *tile_keys, *tile_count, *key_rank));
   const size_t need = cuda::sparsek::SelectWorkspaceBytes(d);
   JSK_RETURN_IF_ERROR(CheckWorkspace("workspace", *workspace, need));
   cuda::sparsek::SelectArgs a{d, Data<float>(scores), Data<float>(*tau), Data<int32_t>(*kth),
                               Data<int32_t>(*tile_keys), Data<int32_t>(*tile_count),
-                              workspace->untyped_data(), workspace->size_bytes()};
+                              Data<int32_t>(*key_rank), workspace->untyped_data(),
+                              workspace->size_bytes()};
   std::string detail;
   return LaunchResult(cuda::sparsek::LaunchSparsekSelect(a, stream, &detail), detail,
                       "SparseK selection launch failed");
@@ -109,18 +116,19 @@ ffi::Error SelectImpl(cudaStream_t stream, ffi::AnyBuffer scores, ffi::Result<ff
 ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer scores, ffi::AnyBuffer tau, ffi::AnyBuffer kth,
                        ffi::AnyBuffer tile_keys, ffi::AnyBuffer tile_count,
-                       ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, float scale,
+                       ffi::AnyBuffer key_rank, ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, float scale,
                        int64_t k_select, int64_t window, bool causal) {
   AttentionShape s;
   SparsekDims d;
   bool bf16;
-  JSK_RETURN_IF_ERROR(CheckAttention(q, k, v, scores, tau, kth, tile_keys, tile_count, scale,
-                                     k_select, window, causal, &s, &d, &bf16));
+  JSK_RETURN_IF_ERROR(CheckAttention(q, k, v, scores, tau, kth, tile_keys, tile_count, key_rank,
+                                     scale, k_select, window, causal, &s, &d, &bf16));
   JSK_RETURN_IF_ERROR(CheckAttentionOutputs(s, q.element_type(), *o, *lse));
   cuda::sparsek::ForwardArgs a{d, bf16, scale, q.untyped_data(), k.untyped_data(),
                                v.untyped_data(), Data<float>(scores), Data<float>(tau),
                                Data<int32_t>(kth), Data<int32_t>(tile_keys),
-                               Data<int32_t>(tile_count), o->untyped_data(), Data<float>(*lse)};
+                               Data<int32_t>(tile_count), Data<int32_t>(key_rank),
+                               o->untyped_data(), Data<float>(*lse)};
   std::string detail;
   return LaunchResult(cuda::sparsek::LaunchSparsekForward(a, stream, &detail), detail,
                       "SparseK forward launch failed");
@@ -128,7 +136,8 @@ ffi::Error ForwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
 
 ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer scores, ffi::AnyBuffer tau, ffi::AnyBuffer kth,
-                        ffi::AnyBuffer tile_keys, ffi::AnyBuffer tile_count, ffi::AnyBuffer o,
+                        ffi::AnyBuffer tile_keys, ffi::AnyBuffer tile_count,
+                        ffi::AnyBuffer key_rank, ffi::AnyBuffer o,
                         ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                         ffi::Result<ffi::AnyBuffer> dscores, ffi::Result<ffi::AnyBuffer> workspace,
@@ -136,8 +145,8 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   AttentionShape s;
   SparsekDims d;
   bool bf16;
-  JSK_RETURN_IF_ERROR(CheckAttention(q, k, v, scores, tau, kth, tile_keys, tile_count, scale,
-                                     k_select, window, causal, &s, &d, &bf16));
+  JSK_RETURN_IF_ERROR(CheckAttention(q, k, v, scores, tau, kth, tile_keys, tile_count, key_rank,
+                                     scale, k_select, window, causal, &s, &d, &bf16));
   const ffi::DataType dtype = q.element_type();
   JSK_RETURN_IF_ERROR(CheckAttentionOutputs(s, dtype, o, lse));
   JSK_RETURN_IF_ERROR(CheckAttentionGradients(s, dtype, dout, *dq, *dk, *dv));
@@ -148,7 +157,8 @@ ffi::Error BackwardImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                 v.untyped_data(), o.untyped_data(), dout.untyped_data(),
                                 Data<float>(scores), Data<float>(tau), Data<float>(lse),
                                 Data<int32_t>(kth), Data<int32_t>(tile_keys),
-                                Data<int32_t>(tile_count), dq->untyped_data(), dk->untyped_data(),
+                                Data<int32_t>(tile_count), Data<int32_t>(key_rank),
+                                dq->untyped_data(), dk->untyped_data(),
                                 dv->untyped_data(), Data<float>(*dscores),
                                 workspace->untyped_data(), workspace->size_bytes()};
   std::string detail;

@@ -4,8 +4,8 @@
 //   2. fwd_gather_kernel: one CTA per (query tile, query head, batch), 4 warps of 16 rows
 //      (mma.sync m16n8k16, as fwd_mma.cu). It walks its tile's key list (select.cu) in chunks of
 //      64 keys, gathers their K and V rows with cp.async into the swizzled tile format (the next
-//      chunk's gather overlaps this chunk's math), adds log2 of each query's gate to the scores
-//      (-inf where the query does not select the key), runs the online softmax, and merges the
+//      chunk's gather overlaps this chunk's math), masks the keys a query does not select (one
+//      rank compare), weighs the online softmax's terms by the gates, and merges the
 //      result with the window part's (o, lse) of its rows: two softmaxes over disjoint key sets
 //      combine by their log-sum-exps.
 #include <algorithm>
@@ -28,7 +28,7 @@ struct GatherFwdParams {
   bool merge_window;  // the window part wrote (o, lse) first
   const void *q, *k, *v;
   const float *scores, *tau;
-  const int32_t *kth, *tile_keys, *tile_count;
+  const int32_t *kth, *tile_keys, *tile_count, *key_rank;
   void* o;
   float* lse;
 };
@@ -39,7 +39,8 @@ struct Smem {
   static constexpr uint32_t kQ = 0, kK = kQ + kBM * D * 2, kV = kK + 2 * kTileBytes;  // K[2], V[2]
   static constexpr uint32_t kKeys = kV + 2 * kTileBytes;  // int32 [2][kBN]: key index, -1 = padding
   static constexpr uint32_t kScores = kKeys + 2 * kBN * 4;  // fp32 [2][kBN]: u of each key
-  static constexpr int kBytes = 1024 + kScores + 2 * kBN * 4;
+  static constexpr uint32_t kRanks = kScores + 2 * kBN * 4;  // int32 [2][kBN]: rank of each key
+  static constexpr int kBytes = 1024 + kRanks + 2 * kBN * 4;
 };
 
 template <bool kBf16, int D>
@@ -52,13 +53,14 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
   const uint32_t sQ = base + L::kQ, sK = base + L::kK, sV = base + L::kV;
   int32_t* keys_s = reinterpret_cast<int32_t*>(smem + L::kKeys);
   float* u_s = reinterpret_cast<float*>(smem + L::kScores);
+  int32_t* rank_s = reinterpret_cast<int32_t*>(smem + L::kRanks);
 
   const SparsekDims& d = p.dims;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
   const int r0 = tile * kBM;
-  const TileKeyList list(d, p.tile_keys, p.tile_count, p.scores, b, h, tile);
+  const TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, tile);
   if (list.count == 0 && p.merge_window) return;  // the window part is the whole answer
   const int64_t bh = list.bh;
   const float* u_row = list.u;
@@ -76,7 +78,8 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
   auto gather_chunk = [&](int stage, int chunk) {
     list.Gather<D>(d, b, h, chunk, static_cast<const uint16_t*>(p.k),
                    static_cast<const uint16_t*>(p.v), sK + stage * L::kTileBytes,
-                   sV + stage * L::kTileBytes, keys_s + stage * kBN, u_s + stage * kBN);
+                   sV + stage * L::kTileBytes, keys_s + stage * kBN, u_s + stage * kBN,
+                   rank_s + stage * kBN);
   };
   gather_chunk(0, 0);
   gather_chunk(1, 1);
@@ -90,50 +93,55 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
   for (int ri = 0; ri < 2; ++ri) {
     const int i = row_a + 8 * ri;
     if (i < d.T) {
-      sel[ri] = QuerySelection::Load(i, d.T, d.S, d.window, d.causal, u_row, d.K, tau_row, kth_row);
+      sel[ri] = QuerySelection::Load(i, d.T, d.S, d.window, d.causal, u_row, d.K, tau_row, kth_row,
+                                     list.rank);
     } else {
-      sel[ri] = QuerySelection{0, -1, 0.f, -INFINITY, 0};  // selects nothing
+      sel[ri] = QuerySelection::None();
     }
   }
 
   float o_acc[D / 8][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  uint32_t qf[D / 16][4];
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int stage = chunk & 1;
     cp_async_wait<1>();
     __syncthreads();  // this chunk's rows, keys and scores are visible to every warp
-    if (chunk == 0) {
+    const uint32_t k_s = sK + stage * L::kTileBytes, v_s = sV + stage * L::kTileBytes;
+
+    // S = Q K^T for this warp's 16 rows x 64 gathered keys. The Q fragments are reloaded from
+    // shared memory per chunk rather than held: their 32 registers go to the gates.
+    float s[kBN / 8][4] = {};
+    {
+      uint32_t qf[D / 16][4];
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         ldsm_x4(qf[kk], tile_addr(sQ, kBM, warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
                                   kk * 16 + (lane / 16) * 8));
       }
+      add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
     }
-    const uint32_t k_s = sK + stage * L::kTileBytes, v_s = sV + stage * L::kTileBytes;
 
-    // S = Q K^T for this warp's 16 rows x 64 gathered keys.
-    float s[kBN / 8][4] = {};
-    add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
-
-    // Log2-domain scores plus log2 of the gate: the softmax weighs key j by g_ij exp(s_ij).
+    // Log2-domain scores, -inf where the gate is 0; the softmax weighs key j by g_ij exp(s_ij).
+    float gate[kBN / 8][4];
 #pragma unroll
     for (int jn = 0; jn < kBN / 8; ++jn) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int col = jn * 8 + 2 * t4 + e;
-        const int j = keys_s[stage * kBN + col];
-        const float uj = u_s[stage * kBN + col];
+        const int col = stage * kBN + jn * 8 + 2 * t4 + e;
+        const int j = keys_s[col], rank_j = rank_s[col];
+        const float uj = u_s[col];
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri) {
-          const float gate = j >= 0 ? sel[ri].Gate(j, uj, d.causal, d.window) : 0.f;
+          const bool selected = j >= 0 && sel[ri].SelectsByRank(j, rank_j);
+          float& g_ij = gate[jn][2 * ri + e];
+          g_ij = sel[ri].Gate(selected, j, uj, d.causal, d.window);
           float& x = s[jn][2 * ri + e];
-          x = gate > 0.f ? x * p.scale_log2 + __log2f(gate) : -INFINITY;
+          x = g_ij > 0.f ? x * p.scale_log2 : -INFINITY;
         }
       }
     }
     float alpha[2];
-    softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha);
+    softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha, gate);
     rescale_and_add_pv<kBf16, D, kBN>(o_acc, s, alpha, v_s, lane);
 
     __syncthreads();  // every warp is done with this stage: refill it
@@ -212,7 +220,8 @@ cudaError_t LaunchSparsekForward(const ForwardArgs& a, cudaStream_t stream, std:
     if (err != cudaSuccess) return err;
   }
   const GatherFwdParams p{d, a.scale * 1.4426950408889634f, with_window, a.q, a.k, a.v,
-                          a.scores, a.tau, a.kth, a.tile_keys, a.tile_count, a.o, a.lse};
+                          a.scores, a.tau, a.kth, a.tile_keys, a.tile_count, a.key_rank,
+                          a.o, a.lse};
   if (d.D == 64) return a.bf16 ? LaunchGather<true, 64>(p, stream) : LaunchGather<false, 64>(p, stream);
   return a.bf16 ? LaunchGather<true, 128>(p, stream) : LaunchGather<false, 128>(p, stream);
 }

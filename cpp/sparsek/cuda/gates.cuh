@@ -5,6 +5,7 @@
 // listed keys inside their window.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 
 #include "flash_attention/cuda/masking.cuh"
@@ -25,20 +26,24 @@ inline MaskSpec WindowMask(const SparsekDims& d) {
 }
 
 // One query's selection: candidates are keys [0, num_candidates); a candidate is selected iff
-// (u_j, j) >= (u_kth, kth) in the (score, index) order, or always when kth < 0.
+// (u_j, j) >= (u_kth, kth), always when kth < 0. select.cu ranks every key in that order
+// (key_rank), so the same test is rank_j >= rank of kth: one compare, which the forward uses;
+// the backward, whose shared memory has no room for the ranks, compares scores.
 struct QuerySelection {
   int num_candidates;
   int kth;
   float u_kth;
-  float tau;  // -inf: every selected key has gate 1
+  int min_rank;  // rank of kth, INT_MIN when kth < 0
+  float tau;     // -inf: every selected key has gate 1
   int position;
 
   // Query i of a [T] sequence against S keys, for kv head row `u` (scores of key j at
-  // u[j * u_stride]) and the selection outputs of that (batch, kv head).
+  // u[j * u_stride]) and the selection outputs of that (batch, kv head): tau, kth, key ranks.
   __device__ __forceinline__ static QuerySelection Load(int i, int T, int S, int window, bool causal,
                                                         const float* u, int u_stride,
                                                         const float* tau_row,
-                                                        const int32_t* kth_row) {
+                                                        const int32_t* kth_row,
+                                                        const int32_t* key_rank_row) {
     QuerySelection q;
     q.position = i + S - T;
     const int n = causal ? q.position - window + 1 : S;
@@ -48,20 +53,33 @@ struct QuerySelection {
     const int kth = kth_row[i];
     q.kth = kth >= 0 && kth < q.num_candidates ? kth : -1;
     q.u_kth = q.kth >= 0 ? u[int64_t(q.kth) * u_stride] : 0.f;
+    q.min_rank = q.kth >= 0 ? key_rank_row[q.kth] : INT_MIN;
     q.tau = tau_row[i];
     return q;
   }
 
+  // A query that selects nothing (rows past T).
+  __device__ __forceinline__ static QuerySelection None() {
+    return {0, -1, 0.f, INT_MIN, -INFINITY, 0};
+  }
+
+  __device__ __forceinline__ bool SelectsByRank(int j, int rank_j) const {
+    return j < num_candidates && rank_j >= min_rank;
+  }
+  __device__ __forceinline__ bool SelectsByScore(int j, float uj) const {
+    return j < num_candidates && (kth < 0 || uj > u_kth || (uj == u_kth && j >= kth));
+  }
+
   // Gate of listed key j with score uj: clip(uj - tau, 0, 1) when selected (and, non-causal,
   // outside the query's window), else 0.
-  __device__ __forceinline__ float Gate(int j, float uj, bool causal, int window) const {
-    if (j >= num_candidates) return 0.f;
-    if (kth >= 0 && !(uj > u_kth || (uj == u_kth && j >= kth))) return 0.f;
+  __device__ __forceinline__ float Gate(bool selected, int j, float uj, bool causal,
+                                        int window) const {
+    if (!selected) return 0.f;
     if (!causal) {
       const int dist = position > j ? position - j : j - position;
       if (dist < window) return 0.f;
     }
-    return fminf(fmaxf(uj - tau, 0.f), 1.f);
+    return __saturatef(uj - tau);
   }
 
   // 0 < uj - tau < 1 decided in double as the CPU kernel does: the gate depends on the scores.

@@ -33,20 +33,23 @@ __device__ __forceinline__ void gather_rows(uint32_t dst_a, const uint16_t* src_
   }
 }
 
-// The key list of one query tile of (batch b, kv head h) and the scores of that kv head.
+// The key list of one query tile of (batch b, kv head h), the scores of that kv head and their
+// ranks.
 struct TileKeyList {
   const int32_t* keys;
-  int count;       // clamped to the list capacity
-  const float* u;  // u_j = u[j * K]
-  int64_t bh;      // b * K + h
+  int count;             // clamped to the list capacity
+  const float* u;        // u_j = u[j * K]
+  const int32_t* rank;   // rank of key j = rank[j] (select.cu's key_rank row)
+  int64_t bh;            // b * K + h
 
   __device__ __forceinline__ TileKeyList(const SparsekDims& d, const int32_t* tile_keys,
-                                         const int32_t* tile_count, const float* scores, int b,
-                                         int h, int tile)
+                                         const int32_t* tile_count, const int32_t* key_rank,
+                                         const float* scores, int b, int h, int tile)
       : bh(int64_t(b) * d.K + h) {
     keys = tile_keys + (bh * d.num_tiles() + tile) * d.list_capacity();
     count = min(max(tile_count[bh * d.num_tiles() + tile], 0), d.list_capacity());
     u = scores + int64_t(b) * d.S * d.K + h;
+    rank = key_rank + bh * d.S;
   }
 
   // Key index of entry e: -1 past the count, or for an index outside [0, S) (the lists come
@@ -57,12 +60,13 @@ struct TileKeyList {
   }
 
   // Chunk c (64 entries) into one stage: the K and V rows (tiles at k_dst / v_dst), the key
-  // indices (keys_dst, -1 = padding) and their scores (u_dst), then one cp.async commit group
+  // indices (keys_dst, -1 = padding), their scores (u_dst) and, unless rank_dst is null, their
+  // ranks (rank_dst; both 0 for padding), then one cp.async commit group
   // (also when c is past the list, so that cp_async_wait<1> always means "chunk c landed").
   template <int D>
   __device__ __forceinline__ void Gather(const SparsekDims& d, int b, int h, int c, const uint16_t* k,
                                          const uint16_t* v, uint32_t k_dst, uint32_t v_dst,
-                                         int32_t* keys_dst, float* u_dst) const {
+                                         int32_t* keys_dst, float* u_dst, int32_t* rank_dst) const {
     if (c * kGatherRows < count) {
       gather_rows<D>(k_dst, k, v_dst, v, [&](int r) -> int64_t {
         const int j = key(c * kGatherRows + r, d.S);
@@ -73,6 +77,7 @@ struct TileKeyList {
         const int j = key(c * kGatherRows + t, d.S);
         keys_dst[t] = j;
         cp_async_4(smem_u32(u_dst + t), u + int64_t(j >= 0 ? j : 0) * d.K, j >= 0);
+        if (rank_dst) cp_async_4(smem_u32(rank_dst + t), rank + (j >= 0 ? j : 0), j >= 0);
       }
     }
     cp_async_commit();

@@ -37,7 +37,6 @@ struct Workspace {
   int32_t* sort_values[2];   // [rows][S]: the key indices; afterwards the build's X_l ping-pong
   float* sorted_scores;      // [rows][S]
   int32_t* key_at_rank;      // [rows][S]
-  int32_t* rank_of;          // [rows][S]
   RankWord* words;           // [rows][levels][WordsPerLevel(S)]
   double* zero_sums;         // [rows][levels][S + 1]
   void* sort_temp;           // kSortTempReserve bytes
@@ -60,7 +59,6 @@ Workspace CarveWorkspace(int S, int rows, void* base) {
   }
   w.sorted_scores = static_cast<float*>(take(items * sizeof(float)));
   w.key_at_rank = static_cast<int32_t*>(take(items * sizeof(int32_t)));
-  w.rank_of = static_cast<int32_t*>(take(items * sizeof(int32_t)));
   const size_t level_rows = size_t(rows) * levels;
   w.words = static_cast<RankWord*>(take(level_rows * WordsPerLevel(S) * sizeof(RankWord)));
   w.zero_sums = static_cast<double*>(take(level_rows * (size_t(S) + 1) * sizeof(double)));
@@ -79,9 +77,9 @@ int ChunkRows(const SparsekDims& d) {
   const int64_t rows = std::max<int64_t>(1, int64_t(d.B) * d.K);
   int64_t fit = 65535;
   if (NeedsStructures(d)) {
-    // The buffers of CarveWorkspace per row: 7 int-sized [S] arrays, the levels' words and sums.
+    // The buffers of CarveWorkspace per row: 6 int-sized [S] arrays, the levels' words and sums.
     const int64_t levels = WaveletLevels(d.S);
-    const int64_t row_bytes = int64_t(d.S) * (7 * 4 + levels * 8) + levels * WordsPerLevel(d.S) * 8;
+    const int64_t row_bytes = int64_t(d.S) * (6 * 4 + levels * 8) + levels * WordsPerLevel(d.S) * 8;
     fit = std::max<int64_t>(1, std::min<int64_t>({fit, int64_t(kChunkBudgetBytes) / row_bytes,
                                                   INT_MAX / d.S - 1}));
   }
@@ -234,8 +232,10 @@ __global__ void __launch_bounds__(kBuildThreads, 2) build_wavelet_kernel(const B
   }
 }
 
+// rank_of: the chunk's rows of the key_rank output ([rows][S]).
 cudaError_t BuildRowStructures(const SparsekDims& d, const float* scores, int64_t row0, int rows,
-                               const Workspace& w, cudaStream_t stream, std::string* error) {
+                               const Workspace& w, int32_t* rank_of, cudaStream_t stream,
+                               std::string* error) {
   const int S = d.S, items = rows * S;
   sort_input_kernel<<<dim3((S + 31) / 32, (rows + 31) / 32), dim3(32, 8), 0, stream>>>(
       scores, S, d.K, row0, rows, w.sort_keys[0], w.sort_values[0], w.segment_offsets);
@@ -261,11 +261,11 @@ cudaError_t BuildRowStructures(const SparsekDims& d, const float* scores, int64_
   if (err != cudaSuccess) return err;
 
   unpack_sorted_kernel<<<(items + 255) / 256, 256, 0, stream>>>(
-      keys.Current(), values.Current(), S, items, w.sorted_scores, w.key_at_rank, w.rank_of);
+      keys.Current(), values.Current(), S, items, w.sorted_scores, w.key_at_rank, rank_of);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   // The sort buffers are free again: the values' pair holds the levels' sequences.
-  const BuildParams p{S, WaveletLevels(S), w.sorted_scores, w.rank_of,
+  const BuildParams p{S, WaveletLevels(S), w.sorted_scores, rank_of,
                       {w.sort_values[0], w.sort_values[1]}, w.words, w.zero_sums};
   build_wavelet_kernel<<<rows, kBuildThreads, 0, stream>>>(p);
   return cudaGetLastError();
@@ -388,8 +388,9 @@ cudaError_t LaunchSparsekSelect(const SelectArgs& a, cudaStream_t stream, std::s
   cudaError_t err = cudaSuccess;
   for (int64_t row0 = 0; row0 < rows; row0 += chunk_rows) {
     const int chunk = int(std::min<int64_t>(chunk_rows, rows - row0));
+    int32_t* rank_of = structures ? a.key_rank + row0 * d.S : nullptr;
     if (structures) {
-      err = BuildRowStructures(d, a.scores, row0, chunk, w, stream, error);
+      err = BuildRowStructures(d, a.scores, row0, chunk, w, rank_of, stream, error);
       if (err != cudaSuccess) return err;
     }
 
@@ -401,7 +402,7 @@ cudaError_t LaunchSparsekSelect(const SelectArgs& a, cudaStream_t stream, std::s
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
     const ListParams l{d.T, d.S, d.window, d.causal, d.num_tiles(), d.list_capacity(), row0,
-                       int64_t(chunk) * d.num_tiles(), w.rank_of, a.kth, a.tile_keys,
+                       int64_t(chunk) * d.num_tiles(), rank_of, a.kth, a.tile_keys,
                        a.tile_count};
     tile_lists_kernel<<<unsigned((l.lists + kListWarps - 1) / kListWarps), kListWarps * 32, 0,
                         stream>>>(l);

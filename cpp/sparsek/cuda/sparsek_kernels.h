@@ -3,8 +3,9 @@
 // never synchronize or allocate, and return the first launch error (cudaSuccess when all went in).
 //
 // Pipeline of one forward call:
-//   select.cu      scores -> tau, kth per query (the CPU contract) and, per tile of
-//                  kTileQueries queries, the union of the tile's selected keys (key lists);
+//   select.cu      scores -> tau, kth per query (the CPU contract), per tile of kTileQueries
+//                  queries the union of the tile's selected keys (key lists), and each key's
+//                  rank in its row's score order (one compare decides a selection);
 //   fwd_gather.cu  the window part by the flash forward kernel (dense tiles, window mask), then
 //                  the gathered keys of each tile's list with gates, merged into o and lse;
 // and of the backward:
@@ -48,6 +49,8 @@ struct SelectArgs {
   int32_t* kth;           // [B, K, T]
   int32_t* tile_keys;     // [B, K, num_tiles, list_capacity]: ascending key indices
   int32_t* tile_count;    // [B, K, num_tiles]: entries used in each list
+  int32_t* key_rank;      // [B, K, S]: rank of key j in its row's ascending (score, index)
+                          // order; left unwritten when S <= k_select (no query drops a key)
   void* workspace;        // SelectWorkspaceBytes(dims) bytes, 256-byte aligned
   size_t workspace_bytes;
 };
@@ -55,7 +58,8 @@ struct SelectArgs {
 // Tile list of tile t of (b, kv head): every key selected by at least one of the tile's queries,
 // i.e. {j < n_last : (u_j, j) >= (u_kth_first, kth_first)} (all j < n_last when kth_first = -1),
 // where n_last is the candidate count of the tile's last query and kth_first the first query's
-// kth; non-causal: the shared selection. A superset the gather kernels filter per query.
+// kth; non-causal: the shared selection. A superset the gather kernels filter per query:
+// query i selects candidate j iff key_rank[j] >= key_rank[kth_i] (kth_i >= 0).
 size_t SelectWorkspaceBytes(const SparsekDims& dims);
 cudaError_t LaunchSparsekSelect(const SelectArgs& args, cudaStream_t stream, std::string* error);
 
@@ -67,7 +71,7 @@ struct ForwardArgs {
   const void *q, *k, *v;
   const float* scores;
   const float *tau;
-  const int32_t *kth, *tile_keys, *tile_count;
+  const int32_t *kth, *tile_keys, *tile_count, *key_rank;
   void* o;     // [B, T, N, D]
   float* lse;  // [B, N, T], natural log
 };
@@ -81,7 +85,7 @@ struct BackwardArgs {
   const void *q, *k, *v, *o, *do_;
   const float* scores;
   const float *tau, *lse;
-  const int32_t *kth, *tile_keys, *tile_count;
+  const int32_t *kth, *tile_keys, *tile_count, *key_rank;
   void *dq, *dk, *dv;  // input dtype
   float* dscores;      // [B, S, K]
   void* workspace;     // BackwardWorkspaceBytes(dims) bytes, 256-byte aligned
