@@ -4,10 +4,11 @@
     PYTHONPATH=. python -m benchmarks --preset seed003 sparsek-seed003 --passes fwd
     PYTHONPATH=. python -m benchmarks --preset seed000 --scale-down 16   # CPU-sized
     PYTHONPATH=. python -m benchmarks --T 8192 --N 32 --K 8 --D 128 --dtype bf16 --causal
-    PYTHONPATH=. python -m benchmarks --preset long32k --impl jax_sparsek 'jax.nn[cudnn]'
+    PYTHONPATH=. python -m benchmarks --preset long32k --impl jax_sparsek 'jax.nn[cudnn*'
     PYTHONPATH=. python -m benchmarks --preset long decode density sparsek-sweep --passes fwd --plots
     PYTHONPATH=. python -m benchmarks.plots                   # PNGs from benchmarks/results/*/
     PYTHONPATH=. python -m benchmarks --profile seed003       # our forward under ncu (GPU)
+    tools/device_bench.sh main1                               # the suite on a GPU, in parts
 
 Presets (presets.py): BENCHMARKS.md's, plus the sweeps long8k..long128k, decode32k/128k,
 bsdensity05..bsdensity100 (percent of blocks ON) and sparsek-{seed003,long32k}-k{K}-w{W};
@@ -42,15 +43,28 @@ t/best peer = ms over the fastest non-`jax_sparsek` row of the same preset and p
 rel_err = |x - ref| / |ref| (fwd: o; fwd+bwd: the worst gradient) against a float32
 reference of what the row computes (jax_sparsek's reference for SparseK's soft gates, dense
 masked attention otherwise), computed on a slice for large problems: the first batch
-elements and kv-head groups with at most 2^28 score elements, never less than one batch
+elements and kv-head groups with at most 2^26 score elements, never less than one batch
 element and one kv-head group (batch elements and head groups are independent, so the
-slice's outputs and gradients are exact slices of the full ones).
+slice's outputs and gradients are exact slices of the full ones). Where one batch element
+and kv-head group holds more scores than that (long sequences), the reference runs in query
+blocks of about 2^26 scores: the forward's error is that of the last queries, the backward's
+of every query (gradients w.r.t. k, v and scores summed over the blocks; the soft SparseK
+blocks see the keys up to their last query, which is exact with causality).
 
-Records go to benchmarks/results/<device-slug>/<date>-<preset>.json, one file per preset;
-a later run of the same day replaces the rows of the (impl, pass) it measured. The end of
-a run also prints the tier table: our forward us/head against the original reports' tiers
-(<= 3.82, < 3.0, < 2.0 us/head) beside the HBM floor (bytes at 2.97 TB/s) and the tensor-core
-floor (FLOPs at 795 TF/s); `python -m benchmarks.report` writes it into the README too.
+Memory: JAX, the references and torch share the device. Without preallocation JAX's pool
+still never shrinks, so when torch's peers may run, `python -m benchmarks` caps it at half
+the device (XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 unless set). Between implementations the
+outputs are dropped before the reference runs, Python's cycles collected and torch's cache
+emptied; after each problem JAX's and torch.compile's caches are cleared. A failing peer
+(out of memory included) records nothing and leaves no buffers behind.
+
+Records go to benchmarks/results/<device-slug>/<date>-<preset>.json, one file per preset,
+each row as soon as it is measured (a run cut short keeps what it finished); a later run of
+the same day replaces the rows of the (impl, pass) it measured. The end of a run also prints
+the tier table: our forward us/head against the original reports' tiers (<= 3.82, < 3.0,
+< 2.0 us/head) beside the HBM floor (bytes at 2.97 TB/s) and the tensor-core floor (FLOPs at
+795 TF/s); `python -m benchmarks.report` writes the BENCHMARKS.md presets' rows and tiers
+into the README.
 Plots go to <device-slug>/plots/, ncu summaries to <device-slug>/profiles/.
 
 Modules: presets.py (sweeps, groups), problems.py (what a row computes: stand-ins, keep-set

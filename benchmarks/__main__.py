@@ -8,12 +8,24 @@ problem; with --preset they override the presets' fields (the name then says so)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 # torch's peers share the GPU with JAX in this process: JAX must not take most of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# Without preallocation JAX's pool still grows on demand and never shrinks, up to this fraction
+# of the device (JAX's default: 0.75); torch's caching allocator keeps its own pool beside it.
+# On an 80 GB H100 0.5 leaves JAX about 40 GiB: the largest problem (sparsek-seed003 fwd+bwd,
+# ours) needs about 26 GiB of it (6 GiB of q, k, v, do; 4.5 GiB of gradients, twice while the
+# next call runs; 9 GiB of backward workspace and 2 GiB of residuals and selection lists) and
+# the float32 reference a few GiB (problems.REF_SCORE_BUDGET). torch's peers then have about
+# 38 GiB for their ~20 GiB (transposed copies of q, k, v, do; outputs and gradients twice; the
+# float32 dq accumulator of the flash backward) next to the CUDA context and libraries.
+# Only set when torch's peers may run and the variable is not given.
+TORCH_SHARE_JAX_FRACTION = "0.5"
 
 from benchmarks import problems, report, runner  # noqa: E402
 from benchmarks.presets import GROUPS, PRESETS, resolve  # noqa: E402
@@ -48,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20, help="timed samples per row (median)")
     p.add_argument("--scale-down", type=int, default=1, metavar="F",
                    help="divide batch, heads, lengths, windows, k_select, blocks by F (CPU runs)")
-    p.add_argument("--impl", nargs="+", metavar="NAME", help="run only these impls")
+    p.add_argument("--impl", nargs="+", metavar="NAME",
+                   help="run only these impls; NAME* names every impl NAME starts "
+                        "('jax.nn[cudnn*': also the sliding-window stand-in of SparseK)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder")
     p.add_argument("--no-save", action="store_true", help="print the table only")
@@ -112,6 +126,18 @@ def problem_specs(args: argparse.Namespace) -> dict[str, AttentionSpec]:
     return out
 
 
+def share_device_with_torch(only) -> None:
+    """Caps JAX's memory pool (TORCH_SHARE_JAX_FRACTION) when torch's peers may run in this
+    process, unless XLA_PYTHON_CLIENT_MEM_FRACTION is set; before JAX starts its backend."""
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+        return
+    if only is not None and not any(name.startswith("torch") for name in only):
+        return
+    if importlib.util.find_spec("torch") is None:
+        return
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = TORCH_SHARE_JAX_FRACTION
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.profile:
@@ -119,8 +145,18 @@ def main(argv=None) -> list[dict]:
 
         profile.main([args.profile, "--scale-down", str(args.scale_down), "--out", str(args.out)])
         return []
-    records = runner.run(problem_specs(args), passes=args.passes, iters=args.iters,
-                         only=set(args.impl) if args.impl else None, seed=args.seed)
+    only = set(args.impl) if args.impl else None
+    share_device_with_torch(only)
+    paths = set()
+
+    def save(records):  # each record as soon as it exists (a run cut short keeps them)
+        for path in report.save(records, args.out):
+            if path not in paths:
+                paths.add(path)
+                print(f"writing {path}", flush=True)
+
+    records = runner.run(problem_specs(args), passes=args.passes, iters=args.iters, only=only,
+                         seed=args.seed, done=None if args.no_save else save)
     if not records:
         print("no implementation ran", file=sys.stderr)
         return records
@@ -129,9 +165,6 @@ def main(argv=None) -> list[dict]:
     if tiers:
         print("\n" + tiers)
     if not args.no_save:
-        paths = report.save(records, args.out)
-        for path in paths:
-            print(f"wrote {path}")
         if args.plots:
             from benchmarks import plots
 

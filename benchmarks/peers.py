@@ -33,9 +33,16 @@ class Impl:
     torch: bool = False
 
 
+def selected(name: str, only: Optional[set[str]]) -> bool:
+    """Whether `only` (None: everything) names the impl `name`; a name ending in `*` names
+    every impl it starts (`jax.nn[cudnn*`: the dense one and the sliding-window stand-in)."""
+    return only is None or any(name == o or (o.endswith("*") and name.startswith(o[:-1]))
+                               for o in only)
+
+
 def build(spec: AttentionSpec, arrays: dict, passes: tuple[str, ...],
           log: Callable[[str], None], only: Optional[set[str]] = None) -> list[Impl]:
-    """The implementations of `spec` (those named in `only`, when given)."""
+    """The implementations of `spec` (those `only` names, when given: see selected)."""
     on_gpu = jax.default_backend() == "gpu"
     builders = {  # what the names each builder makes start with
         "jax_sparsek": _ours, "jax_sparsek[xla]": _ours_xla, "jax.nn[xla]": _jax_nn_xla,
@@ -44,11 +51,15 @@ def build(spec: AttentionSpec, arrays: dict, passes: tuple[str, ...],
     }
     impls = []
     for prefix, builder in builders.items():
-        wanted = lambda n: n == prefix if prefix == "jax_sparsek" else n.startswith(prefix)
+        def wanted(n, prefix=prefix):
+            if n.endswith("*") and prefix.startswith(n[:-1]):
+                return True
+            return n == prefix if prefix == "jax_sparsek" else n.startswith(prefix)
+
         if only is not None and not any(map(wanted, only)):
             continue
         try:
-            impls += [i for i in builder(spec, arrays, passes, on_gpu) if only is None or i.name in only]
+            impls += [i for i in builder(spec, arrays, passes, on_gpu) if selected(i.name, only)]
         except Unavailable as e:
             log(f"skip {e}")
         except Exception as e:  # a peer that breaks must not stop the run

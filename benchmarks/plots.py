@@ -7,12 +7,14 @@ benchmarks/results/<device>/ (every device folder without arguments), written to
 - speedup_kselect.png: ours over the best dense peer vs k_select, one line per window and
   SparseK shape (`sparsek-<shape>-k*-w*`).
 
-A plot whose records are missing is skipped with one line. Scaled-down presets
-(`long8k-div16`) plot like the full ones: only the name's prefix is matched.
+A plot whose records are missing is skipped with one line, every plot when matplotlib is not
+importable. Scaled-down presets (`long8k-div16`) plot like the full ones: only the name's
+prefix is matched.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -123,6 +125,11 @@ def plot_speedup_kselect(records: list[dict], out: Path):
 def write_plots(device_dir: Path) -> list[Path]:
     """Every plot whose records exist in `device_dir`; one line per plot written or skipped."""
     device_dir = Path(device_dir)
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        print(f"skip plots of {device_dir}: matplotlib is not importable (pip install matplotlib)")
+        return []
     records, out, written = load(device_dir), device_dir / "plots", []
     for plot, needs in ((plot_throughput, "long*k"), (plot_speedup_density, "bsdensity*"),
                         (plot_speedup_kselect, "sparsek-*-k*-w*")):

@@ -17,10 +17,15 @@ import numpy as np
 
 from jax_sparsek.testing import AttentionSpec
 
-# The float32 reference holds a few [rows, S] score blocks at once; it runs on a slice of the
-# problem (first batch elements, first kv-head groups) with at most this many score elements,
-# but never less than one (batch, kv-head group).
-REF_SCORE_BUDGET = 1 << 28
+# The float32 reference materialises its [queries, keys] scores: XLA's buffers hold about 10
+# float32 copies of them at once for SparseK's soft gates (the threshold's sorts, the gates, the
+# softmax, their gradients) and 2 (forward) to 6 (with the backward) for dense masked attention
+# (memory_analysis() of the compiled references; allow up to twice that on a GPU). It runs on a
+# slice of the problem (first batch elements, first kv-head groups) with at most this many score
+# elements, never less than one (batch, kv-head group): 2^26 elements are 256 MiB per float32
+# copy, so the reference peaks at a few GiB and leaves the device to the implementations. A
+# (batch, kv-head group) with more scores than that runs in query blocks (query_blocks).
+REF_SCORE_BUDGET = 1 << 26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,20 +107,26 @@ def selection_threshold(scores: jax.Array, spec: AttentionSpec) -> jax.Array:
     return theta.T.reshape(B, K, T)
 
 
-def keep_mask(target: Target, arrays: dict) -> jax.Array:
-    """Boolean [B or 1, N or 1, T, S]: which keys each query attends (soft SparseK gates are
-    not a mask: only for hard_selection)."""
+def keep_mask(target: Target, arrays: dict, first_row=0, rows: Optional[int] = None) -> jax.Array:
+    """Boolean [B or 1, N or 1, rows, S]: which keys the queries first_row .. first_row + rows - 1
+    (all T by default) attend (soft SparseK gates are not a mask: only for hard_selection).
+    `first_row` may be traced. For SparseK, arrays["theta"] (selection_threshold's rows of these
+    queries) is used when present, else computed from arrays["scores"]."""
     spec = target.spec
     T, S, N, K = spec.T, spec.s, spec.N, spec.k
-    pos = (jnp.arange(T) + S - T)[:, None]
+    rows = T if rows is None else rows
+    pos = (first_row + jnp.arange(rows) + S - T)[:, None]
     key = jnp.arange(S)[None, :]
-    keep = jnp.ones((T, S), bool)
+    keep = jnp.ones((rows, S), bool)
 
     if spec.op == "sparsek_attention":
         if not target.hard_selection:
             raise ValueError("soft SparseK gates are not a 0/1 mask")
         w = spec.sparsek_window or 0
-        theta = selection_threshold(arrays["scores"], spec)  # [B, K, T]
+        theta = arrays.get("theta")  # [B, K, rows]
+        if theta is None:
+            theta = jax.lax.dynamic_slice_in_dim(selection_threshold(arrays["scores"], spec),
+                                                 first_row, rows, axis=2)
         u = jnp.transpose(arrays["scores"], (0, 2, 1))[:, :, None, :]  # [B, K, 1, S]
         if spec.causal:
             window = (key <= pos) & (key > pos - w)
@@ -139,7 +150,9 @@ def keep_mask(target: Target, arrays: dict) -> jax.Array:
         blocks = arrays["block_mask"]
         if blocks.shape[1] not in (1, N):  # one mask per kv head: shared by its query heads
             blocks = jnp.repeat(blocks, N // K, axis=1)
-        blocks = jnp.repeat(jnp.repeat(blocks, bq, axis=2)[:, :, :T], bk, axis=3)[..., :S]
+        blocks = jnp.repeat(blocks, bq, axis=2)
+        blocks = jax.lax.dynamic_slice_in_dim(blocks, first_row, rows, axis=2)
+        blocks = jnp.repeat(blocks, bk, axis=3)[..., :S]
         keep = keep & blocks
     return keep
 
@@ -183,21 +196,65 @@ def slice_arrays(arrays: dict, spec: AttentionSpec, batch: int, kv_heads: int) -
     return out
 
 
-def reference(target: Target, arrays: dict, do: Optional[jax.Array], grad_args: tuple[str, ...]):
-    """Float32 output (and the gradients of sum(o * do) w.r.t. grad_args when `do` is given)
-    of the target on (already sliced) inputs."""
-    spec = target.spec
-    soft_sparsek = spec.op == "sparsek_attention" and not target.hard_selection
-    names = ("q", "k", "v", "scores") if soft_sparsek else ("q", "k", "v")
+def _soft(target: Target) -> bool:
+    return target.spec.op == "sparsek_attention" and not target.hard_selection
 
-    def run(arrays, do):
-        if soft_sparsek:
+
+def query_blocks(target: Target, batch: int, kv_heads: int, backward: bool,
+                 budget: Optional[int] = None) -> list[tuple[int, int]]:
+    """Query blocks [t0, t1) the float32 reference of a (sliced) problem runs one at a time, each
+    with at most about `budget` score elements: [(0, T)] when the whole slice fits (or without a
+    budget). Forward: the last block only (output rows are independent; the last queries see
+    every key). Backward: every query; the gradients w.r.t. k, v and scores are summed over the
+    blocks. Dense and mask targets see every key in each block (one block shape: one compile);
+    soft SparseK blocks see the keys up to their last query (S - T + t1 keys: exactly the block's
+    rows of the causal problem; one compile per block), and without causality (or with fewer
+    keys than queries) the soft SparseK backward runs whole."""
+    spec = target.spec
+    T, S = spec.T, spec.s
+    per_key = batch * kv_heads * (spec.N // spec.k)  # score elements per (query, key)
+    if budget is None or per_key * T * S <= budget:
+        return [(0, T)]
+
+    def rows(room: float) -> int:  # the queries that fit, a multiple of 128 when that is >= 1
+        n = int(room)
+        return max(1, n // 128 * 128 if n >= 128 else n)
+
+    if not backward:
+        return [(T - min(T, rows(budget / (per_key * S))), T)]
+    if not _soft(target):
+        n = min(T, rows(budget / (per_key * S)))
+        return [(t, min(t + n, T)) for t in range(0, T, n)]
+    if not spec.causal or S < T:
+        return [(0, T)]
+    blocks, t0, c, room = [], 0, S - T, budget / per_key
+    while t0 < T:  # the largest t1 with (t1 - t0) * (c + t1) <= room
+        t1 = (t0 - c + math.sqrt((c - t0) ** 2 + 4 * (c * t0 + room))) / 2
+        t1 = min(T, t0 + rows(t1 - t0))
+        blocks.append((t0, t1))
+        t0 = t1
+    return blocks
+
+
+def reference(target: Target, arrays: dict, do: Optional[jax.Array], grad_args: tuple[str, ...],
+              budget: Optional[int] = None):
+    """Float32 output (and the gradients of sum(o * do) w.r.t. grad_args when `do` is given)
+    of the target on (already sliced) inputs, run in the query blocks of query_blocks(budget):
+    the output covers the last o.shape[1] queries (all of them with `do`), the gradients every
+    query."""
+    spec = target.spec
+    soft = _soft(target)
+    names = ("q", "k", "v", "scores") if soft else ("q", "k", "v")
+    T, S = spec.T, spec.s
+
+    def run(arrays, do, first_row):
+        if soft:
             from jax_sparsek import reference as ref  # the op's own definition: gates need tau_i
 
             fn = lambda q, k, v, scores: ref.sparsek_attention(
                 q, k, v, scores, **spec.op_kwargs(), scale=scale(spec))
         else:
-            keep = keep_mask(target, arrays)
+            keep = keep_mask(target, arrays, first_row, arrays["q"].shape[1])
             fn = lambda q, k, v: masked_attention_f32(q, k, v, keep, scale(spec))
         args = [arrays[n] for n in names]
         if do is None:
@@ -207,9 +264,34 @@ def reference(target: Target, arrays: dict, do: Optional[jax.Array], grad_args: 
 
     f32 = {n: x if n == "block_mask" else jnp.asarray(x, jnp.float32) for n, x in arrays.items()}
     do = None if do is None else jnp.asarray(do, jnp.float32)
+    blocks = query_blocks(target, f32["k"].shape[0], f32["k"].shape[2], do is not None, budget)
     with jax.default_matmul_precision("highest"):
-        o, grads = jax.jit(run)(f32, do)
-    return np.asarray(o), {n: np.asarray(g) for n, g in grads.items()}
+        if spec.op == "sparsek_attention" and not soft and blocks != [(0, T)]:
+            f32["theta"] = jax.jit(selection_threshold, static_argnums=1)(f32["scores"], spec)
+        step = jax.jit(run)
+        outs, grads = [], {}
+        for t0, t1 in blocks:
+            part = dict(f32, q=f32["q"][:, t0:t1])
+            if "theta" in part:
+                part["theta"] = part["theta"][:, :, t0:t1]
+            if soft:  # the causal problem of these queries: keys up to the last one's position
+                keys = S - T + t1
+                part.update({n: f32[n][:, :keys] for n in ("k", "v", "scores")})
+            o, g = step(part, None if do is None else do[:, t0:t1], jnp.int32(t0))
+            outs.append(np.asarray(o))
+            for n, x in g.items():
+                x = np.asarray(x)
+                if len(blocks) == 1:
+                    grads[n] = x
+                    continue
+                total = grads.setdefault(n, np.zeros(f32[n].shape, np.float64))
+                if n == "q":
+                    total[:, t0:t1] = x
+                else:  # keys beyond a soft block's last query get nothing from it
+                    total[:, :x.shape[1]] += x
+            del o, g
+    o = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+    return o, grads
 
 
 def bytes_moved(spec: AttentionSpec, passes: str) -> float:

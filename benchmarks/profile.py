@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,11 @@ from pathlib import Path
 from benchmarks import problems, report
 from benchmarks.presets import PRESETS, resolve
 
-NCU_FLAGS = ("--clock-control", "none", "--set", "basic", "--csv", "--page", "details")
+# Only our kernels (namespace jax_sparsek, and CUB's sort in the SparseK selection; XLA's own
+# launches, autotuning included, are not replayed), at most 40 launches.
+NCU_FLAGS = ("--clock-control", "none", "--set", "basic", "--csv", "--page", "details",
+             "--kernel-name-base", "demangled", "--kernel-name", "regex:jax_sparsek|SegmentedRadixSort",
+             "--launch-count", "40")
 # ncu's metric names (section GPU Speed Of Light Throughput) -> summary columns.
 METRICS = {"Duration": "duration_us", "Compute (SM) Throughput": "sm_pct",
            "Memory Throughput": "memory_pct", "DRAM Throughput": "dram_pct"}
@@ -108,6 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("preset")
     p.add_argument("--scale-down", type=int, default=1)
     p.add_argument("--out", type=Path, default=report.RESULTS)
+    p.add_argument("--timeout", type=float, default=300, help="seconds ncu may take")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     (preset,) = resolve([args.preset])
@@ -119,7 +125,19 @@ def main(argv=None) -> None:
         return
     import jax
 
-    done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True)
+    # Without preallocation the child leaves ncu room to save and restore what each replayed
+    # kernel writes (the kernels themselves are the same).
+    # The platform allocator keeps the live buffers small too, and without autotuning XLA
+    # launches fewer kernels for ncu to intercept.
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
+           **os.environ}
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+    try:
+        done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True,
+                              env=env, timeout=args.timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"ncu did not finish: {e}")
+        return
     kernels = parse_ncu_csv(done.stdout)
     if done.returncode != 0 or not kernels:
         print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")

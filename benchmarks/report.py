@@ -60,7 +60,9 @@ def save(records: list[dict], out_dir: Path = RESULTS) -> list[Path]:
         old = json.loads(path.read_text()) if path.exists() else []
         kept = [r for r in old if (r.get("impl"), r.get("pass")) not in fresh]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(kept + new, indent=1) + "\n")
+        part = path.with_suffix(".json.part")  # a run killed mid-write leaves the file whole
+        part.write_text(json.dumps(kept + new, indent=1) + "\n")
+        part.replace(path)
         paths.append(path)
     return paths
 
@@ -137,14 +139,26 @@ def tier_markdown(records: list[dict]) -> str:
 
 
 def update_readme(readme: Path, results: Path = RESULTS) -> None:
-    """Rewrites the tables between the README's results markers from every JSON record: the
-    results, then our forward us/head against the tiers and floors."""
+    """Rewrites the tables between the README's results markers from the JSON records of the
+    BENCHMARKS.md presets: the results, then our forward us/head against the tiers and floors.
+    The sweeps' records are only counted there (their plots and files are named instead)."""
+    from benchmarks.presets import GROUPS
+
     records = [r for path in sorted(results.glob("*/*.json")) for r in json.loads(path.read_text())]
+    headline = [r for r in records if r["preset"] in GROUPS["all"]]
+    others = {r["preset"] for r in records} - {r["preset"] for r in headline}
+    note = ""
+    if others:
+        note = (f"\n\n{len(records) - len(headline)} more records of {len(others)} other "
+                "presets (sweeps, scaled-down or custom problems) are in the JSON files of "
+                "`benchmarks/results/<device>/`, drawn in its `plots/` "
+                "(`python -m benchmarks.plots`).")
     begin, end = "<!-- results:begin -->", "<!-- results:end -->"
     text = readme.read_text()
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
-    readme.write_text(f"{head}{begin}\n{markdown(records)}\n\n{tier_markdown(records)}\n{end}{tail}")
+    readme.write_text(f"{head}{begin}\n{markdown(headline)}\n\n{tier_markdown(headline)}{note}\n"
+                      f"{end}{tail}")
 
 
 if __name__ == "__main__":  # python -m benchmarks.report: regenerate the README's table

@@ -4,11 +4,13 @@ BENCHMARKS.md's records."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -101,29 +103,38 @@ class _References:
 
     def __init__(self, spec: AttentionSpec, arrays: dict, do, budget: int, log):
         self.slice = problems.reference_slice(spec, budget)
-        self.spec, self.log, self.cache = spec, log, {}
+        self.spec, self.budget, self.log, self.cache = spec, budget, log, {}
         self.arrays = problems.slice_arrays(arrays, spec, *self.slice)
         self.do = problems.slice_arrays({"do": do}, spec, *self.slice)["do"]
 
-    def error(self, impl: peers.Impl, passes: str, out: dict) -> Optional[float]:
+    def take(self, out: dict) -> dict:
+        """Host float32 copies of the outputs' slice, so that the device outputs can be released
+        before the reference runs."""
+        part = problems.slice_arrays(out, self.spec, *self.slice)
+        return {n: _to_numpy(x) for n, x in part.items()}
+
+    def error(self, impl: peers.Impl, passes: str, mine: dict) -> Optional[float]:
+        """rel_err of `mine` (take()'s copies) against the reference (the worst gradient for
+        fwd+bwd; the output rows the forward reference covers)."""
         backward = passes == "fwd+bwd"
         key = (impl.target, backward)
         if key not in self.cache:
             try:
                 grad_args = ("q", "k", "v", "scores")
                 self.cache[key] = problems.reference(impl.target, self.arrays,
-                                                     self.do if backward else None, grad_args)
+                                                     self.do if backward else None, grad_args,
+                                                     budget=self.budget)
             except Exception as e:
                 self.log(f"no reference for {impl.name}: {type(e).__name__}: {str(e).splitlines()[0]}")
                 self.cache[key] = None
+            gc.collect()  # a failed reference's frames (and their device buffers) go now
         if self.cache[key] is None:
             return None
         ref_o, ref_grads = self.cache[key]
-        mine = problems.slice_arrays(out, self.spec, *self.slice)
         if backward:
-            err = max(rel_err(_to_numpy(mine[n]), ref_grads[n]) for n in mine if n in ref_grads)
-        else:
-            err = rel_err(_to_numpy(mine["o"]), ref_o)
+            err = max(rel_err(mine[n], ref_grads[n]) for n in mine if n in ref_grads)
+        else:  # the forward reference may cover the last queries only
+            err = rel_err(mine["o"][:, mine["o"].shape[1] - ref_o.shape[1]:], ref_o)
         if not np.isfinite(err):  # JSON has no NaN: say it here, record null
             self.log(f"{impl.name} {passes}: the result holds NaN or inf")
             return None
@@ -147,8 +158,11 @@ def record(preset: str, target: Target, impl: str, passes: str, ms: float,
     }
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, start: float):
+    """A tqdm bar on a terminal; elsewhere (logs) one line per job with the run's elapsed time."""
     try:
+        if not sys.stderr.isatty():
+            raise ImportError
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, leave=False), tqdm.write
@@ -158,7 +172,8 @@ def _progress(total: int, desc: str):
 
             def set_postfix_str(self, s):
                 self.n += 1
-                print(f"  [{self.n}/{total}] {desc} {s}", flush=True)
+                print(f"  [{self.n}/{total}] {desc} {s} (at {time.perf_counter() - start:.0f} s)",
+                      flush=True)
 
             def update(self, _=1):
                 pass
@@ -169,13 +184,46 @@ def _progress(total: int, desc: str):
         return Plain(), print
 
 
+def _torch_module():
+    """torch, when this process has imported it and initialised CUDA through it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return torch
+    return None
+
+
+def release(end_of_problem: bool = False) -> None:
+    """Hands device memory back between implementations (never inside a timed region): Python's
+    cycles (a failed call's frames hold its buffers), then torch's cached blocks, which torch
+    keeps apart from JAX's pool otherwise. At the end of a problem also JAX's compiled programs
+    and torch.compile's (FlexAttention's kernels are specialised to the shapes and mask of
+    each problem; dynamo's cache per function is limited, beyond which flex_attention falls back
+    to an unfused implementation that materialises every score)."""
+    gc.collect()
+    torch = _torch_module()
+    if end_of_problem:
+        jax.clear_caches()
+    if torch is None:
+        return
+    try:
+        if end_of_problem:
+            torch._dynamo.reset()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception as e:  # a device left broken by a failed peer shows in the next call
+        print(f"releasing torch's memory failed: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}")
+
+
 def run(problem_specs: dict[str, AttentionSpec], passes: Iterable[str] = PASSES, iters: int = 20,
         only: Optional[set[str]] = None, seed: int = 0,
-        ref_budget: int = problems.REF_SCORE_BUDGET) -> list[dict]:
-    """Times each implementation of each named problem for each pass; returns the records."""
+        ref_budget: int = problems.REF_SCORE_BUDGET,
+        done: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """Times each implementation of each named problem for each pass; returns the records
+    (`done`, when given, gets each record as soon as it exists: a run cut short keeps them)."""
     passes = tuple(passes)
     env = environment()
-    records, said = [], set()
+    records, said, start = [], set(), time.perf_counter()
     for name, spec in problem_specs.items():
         arrays = spec.make_inputs(seed)
         do = jax.random.normal(jax.random.key(seed + 1), (spec.B, spec.T, spec.N, spec.dv),
@@ -189,25 +237,34 @@ def run(problem_specs: dict[str, AttentionSpec], passes: Iterable[str] = PASSES,
 
         impls = peers.build(spec, arrays, passes, log, only)
         jobs = [(i, p) for i in impls for p in passes if p == "fwd" or i.grad_args is not None]
-        bar, write = _progress(len(jobs), name)
+        bar, write = _progress(len(jobs), name, start)
         refs = _References(spec, arrays, do, ref_budget, log)
-        for impl, p in jobs:
+        new = []
+        for n, (impl, p) in enumerate(jobs):
             bar.set_postfix_str(f"{impl.name} {p}")
-            inputs = impl.prepare(arrays) if impl.prepare else arrays
             measure = _measure_torch if impl.torch else _measure_jax
+            out = taken = None
             try:
+                inputs = impl.prepare(arrays) if impl.prepare else arrays
                 ms, out = measure(impl, inputs, do, p, iters)
+                taken = refs.take(out)
             except Exception as e:  # record nothing for a peer that fails
                 log(f"{impl.name} {p} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                bar.update()
-                continue
-            err = refs.error(impl, p, out)
-            del out
-            records.append(record(name, impl.target, impl.name, p, ms, err, env))
+            # The outputs (and prepared inputs) go before the reference or the next job runs; a
+            # failure (out of memory included) must not leave its buffers to the next ones.
+            out = inputs = None
+            if taken is None or impl.torch or n + 1 == len(jobs) or jobs[n + 1][0] is not impl:
+                release()
+            if taken is not None:
+                err = refs.error(impl, p, taken)
+                new.append(record(name, impl.target, impl.name, p, ms, err, env))
+                if done is not None:
+                    done(new[-1:])
+            taken = None
             bar.update()
         bar.close()
-        del arrays, do, refs
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():  # hand its cache back to JAX
-            torch.cuda.empty_cache()
+        del arrays, do, refs, impls, jobs
+        impl = None  # the last one (FlexAttention's holds its block mask)
+        release(end_of_problem=True)
+        records += new
     return records

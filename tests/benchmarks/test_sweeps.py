@@ -131,7 +131,9 @@ NCU_SAMPLE = '''==PROF== Connected to process 4242 (/usr/bin/python3.12)
 def test_ncu_command_and_summary():
     cmd = profile.command("seed003", 2, ncu="/opt/ncu", python="/py")
     assert cmd[:8] == ["/opt/ncu", "--clock-control", "none", "--set", "basic", "--csv", "--page", "details"]
-    assert cmd[8:] == ["/py", "-m", "benchmarks.profile", "seed003", "--scale-down", "2", "--child"]
+    assert cmd[8:14] == ["--kernel-name-base", "demangled", "--kernel-name",
+                         "regex:jax_sparsek|SegmentedRadixSort", "--launch-count", "40"]
+    assert cmd[14:] == ["/py", "-m", "benchmarks.profile", "seed003", "--scale-down", "2", "--child"]
     kernels = profile.parse_ncu_csv(NCU_SAMPLE)
     assert [k["name"] for k in kernels] == ["flash_fwd_kernel"] * 2 + ["lse_fixup"]
     first = kernels[0]
