@@ -13,6 +13,9 @@
 
 namespace jax_sparsek::cuda {
 
+// log2(e): the kernels run softmax in base 2, exp(x) = exp2(x * kLog2e).
+constexpr float kLog2e = 1.4426950408889634f;
+
 // Shapes of one attention call; layouts are q/o [B,T,N,D], k/v [B,S,K,D], lse [B,N,T].
 struct AttentionDims {
   int B, T, S, N, K, D;

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t idx = (int64_t(b) * p.N + h) * T + i;
     if (t < kBM) {
       const float l = p.lse[idx];
-      return l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+      return l == -INFINITY ? INFINITY : l * kLog2e;
     }
     return p.delta[idx];
   };
@@ -377,7 +377,7 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
       !MakeTensorMap(&tdo, a.do_, kBf16, d.B, d.T, d.N, D, error)) {
     return cudaErrorInvalidValue;
   }
-  BwdKernelParams p{a.mask, d.N, d.K, d.group(), a.scale, a.scale * 1.4426950408889634f,
+  BwdKernelParams p{a.mask, d.N, d.K, d.group(), a.scale, a.scale * kLog2e,
                     a.lse, delta, a.dq_accum, a.dk, a.dv, a.dk_accum, a.dv_accum};
   auto kernel = bwd_kernel<kBf16, D>;
   constexpr int smem = Smem<D>::kBytes;

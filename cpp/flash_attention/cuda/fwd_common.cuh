@@ -20,7 +20,7 @@ struct FwdKernelParams {
 };
 
 inline FwdKernelParams MakeFwdKernelParams(const FwdArgs& a) {
-  return {a.mask, a.dims.N, a.dims.group(), a.scale * 1.4426950408889634f, a.o, a.lse};
+  return {a.mask, a.dims.N, a.dims.group(), a.scale * kLog2e, a.o, a.lse};
 }
 
 // Masking state of a thread's two query rows (row_a and row_a + 8) for partial tiles: each

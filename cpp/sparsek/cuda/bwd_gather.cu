@@ -38,7 +38,6 @@ constexpr int kBM = kTileQueries;  // query rows per CTA, 16 per warp
 constexpr int kBN = kGatherRows;   // gathered keys per chunk
 constexpr int kThreads = kGatherThreads;
 static_assert(kBM == kBN && kBM == 16 * (kThreads / 32), "one 16-row slice per warp; square tiles");
-constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- workspace ----------------------------------------------------------------------------
 struct Workspace {
@@ -553,17 +552,8 @@ cudaError_t LaunchSparsekBackward(const BackwardArgs& a, cudaStream_t stream, st
 
   // 1. Window keys (gate 1), or zero sums.
   if (d.window > 0) {
-    BwdArgs f;
-    f.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
-    f.mask = WindowMask(d);
-    f.bf16 = a.bf16;
-    f.scale = a.scale;
-    f.q = a.q;
-    f.k = a.k;
-    f.v = a.v;
-    f.o = a.o;
+    BwdArgs f = WindowPartArgs<BwdArgs>(a);
     f.do_ = a.do_;
-    f.lse = a.lse;
     f.dq = a.dq;  // holds the flash kernels' delta until step 4 overwrites it
     f.dk = a.dk;
     f.dv = a.dv;

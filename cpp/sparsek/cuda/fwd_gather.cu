@@ -206,20 +206,11 @@ cudaError_t LaunchSparsekForward(const ForwardArgs& a, cudaStream_t stream, std:
   if (int64_t(d.B) * d.T * d.N == 0) return cudaSuccess;
   const bool with_window = d.window > 0 && d.S > 0;
   if (with_window) {
-    FwdArgs w;
-    w.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
-    w.mask = WindowMask(d);
-    w.bf16 = a.bf16;
-    w.scale = a.scale;
-    w.q = a.q;
-    w.k = a.k;
-    w.v = a.v;
-    w.o = a.o;
-    w.lse = a.lse;
-    cudaError_t err = LaunchFlashForward(w, FwdKernel::kWgmma, stream, error);
+    cudaError_t err =
+        LaunchFlashForward(WindowPartArgs<FwdArgs>(a), FwdKernel::kWgmma, stream, error);
     if (err != cudaSuccess) return err;
   }
-  const GatherFwdParams p{d, a.scale * 1.4426950408889634f, with_window, a.q, a.k, a.v,
+  const GatherFwdParams p{d, a.scale * kLog2e, with_window, a.q, a.k, a.v,
                           a.scores, a.tau, a.kth, a.tile_keys, a.tile_count, a.key_rank,
                           a.o, a.lse};
   if (d.D == 64) return a.bf16 ? LaunchGather<true, 64>(p, stream) : LaunchGather<false, 64>(p, stream);

@@ -25,6 +25,25 @@ inline MaskSpec WindowMask(const SparsekDims& d) {
   return m;
 }
 
+// The flash kernels' arguments for the window part, from SparseK's ForwardArgs or
+// BackwardArgs: shapes, window mask, dtype, scale and the tensors both passes share (q, k, v,
+// o, lse); the caller adds the rest.
+template <typename FlashArgs, typename SparsekArgs>
+FlashArgs WindowPartArgs(const SparsekArgs& a) {
+  const SparsekDims& d = a.dims;
+  FlashArgs f;
+  f.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
+  f.mask = WindowMask(d);
+  f.bf16 = a.bf16;
+  f.scale = a.scale;
+  f.q = a.q;
+  f.k = a.k;
+  f.v = a.v;
+  f.o = a.o;
+  f.lse = a.lse;
+  return f;
+}
+
 // One query's selection: candidates are keys [0, num_candidates); a candidate is selected iff
 // (u_j, j) >= (u_kth, kth), always when kth < 0. select.cu ranks every key in that order
 // (key_rank), so the same test is rank_j >= rank of kth: one compare, which the forward uses;
