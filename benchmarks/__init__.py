@@ -10,7 +10,7 @@
     PYTHONPATH=. python -m benchmarks --profile seed003       # our forward under ncu (GPU)
     tools/device_bench.sh main1                               # the suite on a GPU, in parts
 
-Presets (presets.py): BENCHMARKS.md's, plus the sweeps long8k..long128k, decode32k/128k,
+Presets (presets.py): BENCHMARKS.md's, plus the sweeps long8k..long128k, decode32k/128k, sparsek-decode32k/128k,
 bsdensity05..bsdensity100 (percent of blocks ON) and sparsek-{seed003,long32k}-k{K}-w{W};
 --preset takes group names too: all (BENCHMARKS.md's, the default), long, decode, density,
 sparsek-sweep, sparsek-seed003-sweep, sparsek-long32k-sweep.

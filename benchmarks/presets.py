@@ -4,7 +4,8 @@ groups of them. Names are stable: records, plots and reports refer to them.
 - `long8k` ... `long128k`: long32k's shape (B1 H16 D128 bf16 causal, dense flash) at T = S
   of 8k to 128k.
 - `decode32k`, `decode128k`: one query token per sequence against a 32k / 128k cache
-  (B8, T=1, N32 K8 D128 bf16).
+  (B8, T=1, N32 K8 D128 bf16); `sparsek-decode32k`, `sparsek-decode128k`: the same query
+  through sparsek_attention (k_select 1024, window 512), selection included.
 - `bsdensity05` ... `bsdensity100`: blocksparse80's shape with the given percent of 128x128
   blocks ON (so `bsdensity20` is `blocksparse80`, whose name counts the blocks off).
 - `sparsek-seed003-k{K}-w{W}`, `sparsek-long32k-k{K}-w{W}`: SparseK at seed003 / long32k
@@ -19,6 +20,8 @@ from jax_sparsek.testing import AttentionSpec
 LONG = {f"long{n}k": BASE["long32k"].replace(T=n * 1024) for n in (8, 16, 32, 64, 128)}
 DECODE = {f"decode{n}k": AttentionSpec(B=8, T=1, S=n * 1024, N=32, K=8, D=128, dtype="bfloat16")
           for n in (32, 128)}
+SPARSEK_DECODE = {f"sparsek-{name}": spec.replace(causal=True, k_select=1024, sparsek_window=512)
+                  for name, spec in DECODE.items()}
 DENSITY_PERCENT = (5, 10, 20, 40, 60, 80, 100)
 DENSITY = {f"bsdensity{p:02d}": BASE["blocksparse80"].replace(block_density=p / 100)
            for p in DENSITY_PERCENT}
@@ -30,12 +33,12 @@ SPARSEK_SWEEP = {
     for shape in ("seed003", "long32k")
 }
 
-PRESETS: dict[str, AttentionSpec] = {**BASE, **LONG, **DECODE, **DENSITY,
+PRESETS: dict[str, AttentionSpec] = {**BASE, **LONG, **DECODE, **SPARSEK_DECODE, **DENSITY,
                                      **SPARSEK_SWEEP["seed003"], **SPARSEK_SWEEP["long32k"]}
 GROUPS: dict[str, list[str]] = {
     "all": list(BASE),  # what a run without --preset measures
     "long": list(LONG),
-    "decode": list(DECODE),
+    "decode": list(DECODE) + list(SPARSEK_DECODE),
     "density": list(DENSITY),
     "sparsek-sweep": [*SPARSEK_SWEEP["seed003"], *SPARSEK_SWEEP["long32k"]],
     "sparsek-seed003-sweep": list(SPARSEK_SWEEP["seed003"]),

@@ -73,6 +73,9 @@ def dense_targets(spec: AttentionSpec) -> list[tuple[str, Target]]:
     if spec.op == "flash_attention":
         return [("", Target(spec))]
     dense = spec.replace(block_size=None, block_density=None, k_select=None, sparsek_window=None)
+    if spec.T == 1:  # decoding: the query sits after every key, so dense attention is unmasked
+        # (jax.nn would align a causal mask top-left and show it only key 0); no window stand-in
+        return [("", Target(dense.replace(causal=False)))]
     out = [("", Target(dense))]
     if spec.op == "sparsek_attention":
         w = int(spec.attended_keys())
@@ -296,10 +299,16 @@ def reference(target: Target, arrays: dict, do: Optional[jax.Array], grad_args: 
 
 def bytes_moved(spec: AttentionSpec, passes: str) -> float:
     """q, k, v read and o written once (plus scores / block mask); fwd+bwd counts every array
-    three times (forward, backward read, gradient or do)."""
+    three times (forward, backward read, gradient or do). SparseK reads every score but only
+    the k/v rows some query attends: at most S, and at most window + k_select + 2 (T - 1)
+    (the window slides by T - 1 rows, the selection changes by at most one key per query),
+    which is what bounds a decoding query's bytes."""
     B, T, S, N, K = spec.B, spec.T, spec.s, spec.N, spec.k
     size = jnp.dtype(spec.dtype).itemsize
-    total = size * (B * T * N * spec.D + B * S * K * (spec.D + spec.dv) + B * T * N * spec.dv)
+    rows = S
+    if spec.op == "sparsek_attention":
+        rows = min(S, spec.sparsek_window + spec.k_select + 2 * (T - 1))
+    total = size * (B * T * N * spec.D + B * rows * K * (spec.D + spec.dv) + B * T * N * spec.dv)
     if spec.op == "sparsek_attention":
         total += 4 * B * S * K
     if spec.op == "block_sparse_attention":

@@ -4,8 +4,9 @@ per kernel (name, launch shape, duration, achieved SM and memory throughput as %
 benchmarks/results/<device-slug>/profiles/<date>-<preset>.txt.
 
 ncu profiles a child process (`--child`) that builds the inputs on the host (so that no
-input-generation kernel shows up), compiles our forward and runs it twice: the first call
-warms up, so every kernel appears twice; the summary keeps the last launch of each name.
+input-generation kernel shows up), compiles our forward and runs it once (ncu replays each
+kernel, so no warm-up is needed); the summary adds up each kernel's launches in that call
+(the SparseK selection runs its kernels once per chunk of rows).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from benchmarks import problems, report
 from benchmarks.presets import PRESETS, resolve
 
 # Only our kernels (namespace jax_sparsek, and CUB's sort in the SparseK selection; XLA's own
-# launches, autotuning included, are not replayed), at most 40 launches.
+# launches, autotuning included, are not replayed), at most 400 launches.
 NCU_FLAGS = ("--clock-control", "none", "--set", "basic", "--csv", "--page", "details",
              "--kernel-name-base", "demangled", "--kernel-name", "regex:jax_sparsek|SegmentedRadixSort",
-             "--launch-count", "40")
+             "--launch-count", "400")
 # ncu's metric names (section GPU Speed Of Light Throughput) -> summary columns.
 METRICS = {"Duration": "duration_us", "Compute (SM) Throughput": "sm_pct",
            "Memory Throughput": "memory_pct", "DRAM Throughput": "dram_pct"}
@@ -67,22 +68,41 @@ def parse_ncu_csv(text: str) -> list[dict]:
 
 
 def summary(kernels: list[dict], title: str) -> str:
-    """A short text: the last launch of each kernel name, longest first, and the total."""
-    last = {k["name"]: k for k in kernels}
-    rows = sorted(last.values(), key=lambda k: -k.get("duration_us", 0.0))
-    cell = lambda k, c, fmt: format(k[c], fmt) if c in k else "-"
-    out = [title, f"{'duration us':>12} {'SM %':>6} {'mem %':>6} {'DRAM %':>6}  grid / block  kernel"]
-    for k in rows:
-        out.append(f"{cell(k, 'duration_us', '12.1f')} {cell(k, 'sm_pct', '6.1f')} "
-                   f"{cell(k, 'memory_pct', '6.1f')} {cell(k, 'dram_pct', '6.1f')}  "
-                   f"{k['grid']} / {k['block']}  {k['name']}")
-    total = sum(k.get("duration_us", 0.0) for k in rows)
-    out.append(f"{total:12.1f} us in {len(rows)} kernels (last launch of each)")
+    """A short text: per kernel name its launches in the profiled call, their total duration
+    and the duration-weighted throughputs (grid / block of its longest launch), longest total
+    first, then the total of the call."""
+    groups: dict[str, dict] = {}
+    for k in kernels:
+        g = groups.setdefault(k["name"], {"name": k["name"], "launches": 0, "duration_us": 0.0,
+                                          "longest": k, "weighted": {}})
+        us = k.get("duration_us", 0.0)
+        g["launches"] += 1
+        g["duration_us"] += us
+        if us > g["longest"].get("duration_us", 0.0):
+            g["longest"] = k
+        for c in ("sm_pct", "memory_pct", "dram_pct"):
+            if c in k:
+                total, weight = g["weighted"].get(c, (0.0, 0.0))
+                g["weighted"][c] = (total + k[c] * us, weight + us)
+    rows = sorted(groups.values(), key=lambda g: -g["duration_us"])
+
+    def pct(g, c):
+        total, weight = g["weighted"].get(c, (0.0, 0.0))
+        return f"{total / weight:6.1f}" if weight > 0 else f"{'-':>6}"
+
+    out = [title, f"{'total us':>10} {'calls':>5} {'SM %':>6} {'mem %':>6} {'DRAM %':>6}  "
+                  "grid / block  kernel"]
+    for g in rows:
+        out.append(f"{g['duration_us']:10.1f} {g['launches']:5d} {pct(g, 'sm_pct')} "
+                   f"{pct(g, 'memory_pct')} {pct(g, 'dram_pct')}  "
+                   f"{g['longest']['grid']} / {g['longest']['block']}  {g['name']}")
+    total = sum(g["duration_us"] for g in rows)
+    out.append(f"{total:10.1f} us in {sum(g['launches'] for g in rows)} launches of {len(rows)} kernels")
     return "\n".join(out) + "\n"
 
 
 def _child(preset: str, scale_down: int) -> None:
-    """Our forward of the preset, twice, on inputs made on the host."""
+    """Our forward of the preset, one call (compiled first), on inputs made on the host."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,9 +122,7 @@ def _child(preset: str, scale_down: int) -> None:
         host["scores"] = 2 * rng.standard_normal((spec.B, spec.s, spec.k), np.float32)
     (impl,) = peers.build(spec, host, ("fwd",), print, only={report.OURS})
     args = [jax.device_put(host[n]) for n in impl.args]
-    f = jax.jit(impl.fn)
-    for _ in range(2):
-        jax.block_until_ready(f(*args))
+    jax.block_until_ready(jax.jit(impl.fn)(*args))
 
 
 def main(argv=None) -> None:
@@ -128,10 +146,13 @@ def main(argv=None) -> None:
     # Without preallocation the child leaves ncu room to save and restore what each replayed
     # kernel writes (the kernels themselves are the same).
     # The platform allocator keeps the live buffers small too, and without autotuning XLA
-    # launches fewer kernels for ncu to intercept.
+    # launches fewer kernels for ncu to intercept. XLA's command buffers (CUDA graphs) are
+    # off: with them, ncu sat for minutes on the full-size presets without profiling a kernel
+    # (H100, 2026-11); without them each custom call is a plain launch.
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform",
            **os.environ}
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer=").strip()
     try:
         done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True,
                               env=env, timeout=args.timeout)

@@ -138,18 +138,44 @@ def tier_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def is_decode(preset: str) -> bool:
+    """Decoding presets: the decode group's and benchmarks/decode.py's (sparsek-decode-b<B>)."""
+    from benchmarks.presets import GROUPS
+
+    return preset in GROUPS["decode"] or preset.startswith("sparsek-decode-b")
+
+
+def decode_markdown(records: list[dict]) -> str:
+    """The decoding table: time, bandwidth on the bytes each step must read, its fraction of
+    the 2.97 TB/s an elementwise kernel reaches, and ours / best peer."""
+    best = _best_peer_ms(records)
+    order = lambda r: (r["device"], r["preset"], r["impl"] != OURS, r["ms"])
+    lines = ["| device | preset | impl | us | GB/s | of 2.97 TB/s | ours / best peer |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=order):
+        key = (r["device"], r["preset"], r["pass"])
+        ratio = f"{r['ms'] / best[key]:.2f}" if r["impl"] == OURS and key in best else ""
+        lines.append(f"| {r['device']} | {r['preset']} | {r['impl']} | {r['ms'] * 1e3:.1f} | "
+                     f"{r['gbps']:.0f} | {r['gbps'] * 1e9 / HBM_BYTES_PER_S:.0%} | {ratio} |")
+    return "\n".join(lines)
+
+
 def update_readme(readme: Path, results: Path = RESULTS) -> None:
     """Rewrites the tables between the README's results markers from the JSON records of the
-    BENCHMARKS.md presets: the results, then our forward us/head against the tiers and floors.
-    The sweeps' records are only counted there (their plots and files are named instead)."""
+    BENCHMARKS.md presets: the results, then our forward us/head against the tiers and floors,
+    then the decoding presets. The sweeps' records are only counted there (their plots and
+    files are named instead)."""
     from benchmarks.presets import GROUPS
 
     records = [r for path in sorted(results.glob("*/*.json")) for r in json.loads(path.read_text())]
     headline = [r for r in records if r["preset"] in GROUPS["all"]]
-    others = {r["preset"] for r in records} - {r["preset"] for r in headline}
-    note = ""
+    decoding = [r for r in records if is_decode(r["preset"]) and r["pass"] == "fwd"]
+    others = {r["preset"] for r in records} - {r["preset"] for r in headline + decoding}
+    note = f"\n\nDecoding (forward, one query per sequence):\n\n{decode_markdown(decoding)}" \
+        if decoding else ""
     if others:
-        note = (f"\n\n{len(records) - len(headline)} more records of {len(others)} other "
+        shown = len(headline) + len(decoding)
+        note += (f"\n\n{len(records) - shown} more records of {len(others)} other "
                 "presets (sweeps, scaled-down or custom problems) are in the JSON files of "
                 "`benchmarks/results/<device>/`, drawn in its `plots/` "
                 "(`python -m benchmarks.plots`).")

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_sparsek import _ffi
+from jax_sparsek import _ffi, decode
 
 
 # Dimension names of each FFI operand and result for the sharding rule: batch "b", query
@@ -56,6 +56,9 @@ class AttentionKernel:
     bwd_target: str
     attrs: tuple[tuple[str, Any], ...]
     name: str  # the public op, for sharding warnings
+    # With one query row (decoding), the forward runs the decode kernel over the keys from
+    # this index on (jax_sparsek.decode); the backward is the same.
+    decode_key_begin: int | None = None
 
     def _call(self, target: str, operands: dict, result_types, results: tuple[str, ...]):
         """ffi_call of `target` on `operands` ({name: array}, in the target's order).
@@ -82,6 +85,9 @@ class AttentionKernel:
 
     def forward(self, q, k, v, mask):
         """(o [B, T, N, Dv] in q's dtype, lse [B, N, T] float32)."""
+        if self.decode_key_begin is not None:
+            return decode.decode_forward(q, k, v, scale=dict(self.attrs)["scale"],
+                                         key_begin=self.decode_key_begin)
 
         def result_types(ops):
             B, T, N, _ = ops["q"].shape

@@ -42,8 +42,9 @@
 #   main2: sparsek-long32k ~170 (blocked backward references ~70, flex 50), long32k ~90,
 #          blocksparse80 ~100; + starts and report ~40                                = ~400
 #   sweeps (--iters 10): long 5 x ~11 + 10 (128k: ours and cuDNN ~125 ms a call) ~75,
-#          density 7 x ~18 + a cold flex compile ~25 + 10 ~160, decode ~30, fwd+bwd of
-#          long16k and long64k ~45, plots and report ~15                              = ~330
+#          density 7 x ~18 + a cold flex compile ~25 + 10 ~160, decode (dense and SparseK
+#          presets) ~60, the SparseK cache decode ~20, fwd+bwd of long16k and long64k ~45,
+#          plots and report ~15                                                       = ~380
 #   sparsek-sweeps (--iters 10): 9 presets per shape x ~13 (ours; cuDNN causal and the window
 #          stand-in; 3 forward references) + 10 per shape ~250, two fwd+bwd points ~50,
 #          plots and report ~15                                                       = ~310
@@ -51,8 +52,8 @@
 #          window, a cold compile of ~30 s each; it runs at the headline points in main1/2.
 #          The cut keeps k_select 64, 256, 1024 and windows 128, 256, 512 of presets.py's
 #          5 x 3, the points the speedup_kselect plot needs.)
-#   profile: ncu replays each kernel of two calls, ~40 launches for SparseK's selection,
-#          forward and merge: ~90 + ~45 for seed003's forward; + report                = ~150
+#   profile: ncu replays each kernel of one call (46 launches for sparsek-seed003's selection
+#          chunks, gather and window part; 1 for seed003): ~70 + ~50; + report         = ~130
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -167,12 +168,13 @@ for part in "${parts[@]}"; do
       ;;
     sweeps)  # forward sweeps: ours and the strongest peers of each
       # long32k is main2's (all peers, 20 samples): not measured again here.
-      bench long 120 --preset long8k long16k long64k long128k --passes fwd --iters 10 \
+      bench long 110 --preset long8k long16k long64k long128k --passes fwd --iters 10 \
         --impl jax_sparsek "jax.nn[cudnn]" "torch.sdpa[cudnn]"
-      bench density 200 --preset density --passes fwd --iters 10 \
+      bench density 165 --preset density --passes fwd --iters 10 \
         --impl jax_sparsek "jax.nn[cudnn]" torch.flex
-      bench decode 60 --preset decode --passes fwd --iters 10 \
+      bench decode 75 --preset decode --passes fwd --iters 10 \
         --impl jax_sparsek "jax.nn[cudnn]" "jax.nn[xla]" "torch.sdpa[cudnn]"
+      step sparsek-cache-decode 40 "$PY" -m benchmarks.decode
       bench long-fwd-bwd 70 --preset long16k long64k --passes fwd+bwd --iters 10 \
         --impl jax_sparsek "jax.nn[cudnn]"
       ;;

@@ -12,9 +12,13 @@ BWD_TARGET = "jax_sparsek_flash_bwd"
 
 def flash_attention(q, k, v, *, causal: bool, window: tuple[int, int], scale: float):
     """Arguments already validated; `window` = (left, right) with -1 for an unbounded side."""
+    decode_key_begin = None
+    if q.shape[1] == 1 and v.shape[3] == q.shape[3]:  # decoding: the query sits at S - 1,
+        # after every key (causal or not), so only the window's left edge masks keys
+        decode_key_begin = max(0, k.shape[1] - 1 - window[0]) if window[0] >= 0 else 0
     kernel = AttentionKernel(
         FWD_TARGET, BWD_TARGET,
         attrs=(("scale", np.float32(scale)), ("causal", bool(causal)),
                ("window_left", np.int64(window[0])), ("window_right", np.int64(window[1]))),
-        name="flash_attention")
+        name="flash_attention", decode_key_begin=decode_key_begin)
     return attention(kernel, q, k, v, None)

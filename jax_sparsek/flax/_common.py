@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 import jax_sparsek
+from jax_sparsek import _ffi
+from jax_sparsek import decode as decode_attention
 
 PARAM_NAMES = ("q_kernel", "k_kernel", "v_kernel", "out_kernel", "score_kernel", "score_slope")
 
@@ -268,8 +270,12 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
                          axis=-1)
     enters = arrives & (cand_u >= weakest_u)
     row = jax.nn.one_hot(weakest, cfg.k_select, dtype=jnp.bool_) & enters[..., None]
-    select_k = jnp.where(row[..., None], cand_k[:, :, None], cache.select_k)
-    select_v = jnp.where(row[..., None], cand_v[:, :, None], cache.select_v)
+    # K/V rows by a scatter of one row per (batch, kv head): in place, not a pass over the cache.
+    b, kv = jnp.meshgrid(jnp.arange(sel_u.shape[0]), jnp.arange(sel_u.shape[1]), indexing="ij")
+    replace_row = lambda rows, new: rows.at[b, kv, weakest].set(
+        jnp.where(enters[..., None], new, rows[b, kv, weakest]))
+    select_k = replace_row(cache.select_k, cand_k)
+    select_v = replace_row(cache.select_v, cand_v)
     select_score = jnp.where(row, cand_u[..., None], sel_u)
     select_pos = jnp.where(row, cand_pos, sel_p)
 
@@ -293,12 +299,33 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
                          select_pos=select_pos, cand_score=buf, tau=tau, overflowed=overflowed)
 
 
+def _cache_attention(q, parts, scale: float):
+    """q [B, 1, N, D] against cache parts [(k, v [B, K, R, D], gate f32 [B, K, R])]: softmax
+    over the entries of every part, each weighted by its gate (<= 0: masked). The decode kernel
+    runs once per part, reading the rows in place, and the parts merge by their lse; without a
+    kernel for the cache's dtype on this platform, the float32 reference runs on the
+    concatenated parts."""
+    dtype, D = parts[0][0].dtype, q.shape[-1]
+    impl = _ffi.resolve_implementation(None, [decode_attention.TARGET], decode_attention.cuda_unsupported(dtype, D))
+    if impl == "xla":
+        k, v, gate = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
+        return decode_attention.reference(q.astype(jnp.float32), k, v, gate, scale=scale)[0]
+    outs = [decode_attention.weighted_decode_attention(q.astype(dtype), k, v, gate, scale)
+            for k, v, gate in parts]
+    lse = jnp.stack([part_lse for _, part_lse in outs])  # [parts, B, N, 1]
+    top = jnp.max(lse, axis=0)
+    share = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    share = share / jnp.maximum(jnp.sum(share, axis=0), jnp.finfo(jnp.float32).tiny)
+    share = jnp.moveaxis(share, -1, -2)[..., None]  # [parts, B, 1, N, 1]
+    return sum(w * o.astype(jnp.float32) for w, (o, _) in zip(share, outs))
+
+
 def decode_step(params, x_t, cache: SparseKCache, cfg: AttentionConfig):
     """One token for every batch row: x_t [B, E] at position cache.pos -> (y_t [B, E], cache)."""
     if not cfg.causal:
         raise ValueError("decoding needs causal=True")
     B, E = x_t.shape
-    K, G, W = cfg.num_kv_heads, cfg.group_size, cfg.window
+    K, W = cfg.num_kv_heads, cfg.window
     p = cache.pos
     x = x_t[:, None, :]
     q, k, v = project_qkv(params, x, p[None], cfg)  # [B, 1, N|K, D]
@@ -322,20 +349,10 @@ def decode_step(params, x_t, cache: SparseKCache, cfg: AttentionConfig):
     window_gate = jnp.broadcast_to(slot_pos >= 0, (B, K, W)).astype(jnp.float32)
     soft = jnp.clip(cache.select_score - cache.tau[..., None], 0.0, 1.0)
     select_gate = jnp.where(cache.select_pos >= 0, soft, 0.0)
-    gate = jnp.concatenate([window_gate, select_gate], axis=-1)  # [B, K, W + S]
-    keys = jnp.concatenate([cache.window_k, cache.select_k], axis=2).astype(jnp.float32)
-    values = jnp.concatenate([cache.window_v, cache.select_v], axis=2).astype(jnp.float32)
-
-    qg = q[:, 0].astype(jnp.float32).reshape(B, K, G, cfg.head_dim)
-    logits = jnp.einsum("bkgd,bkrd->bkgr", qg, keys) / jnp.sqrt(jnp.float32(cfg.head_dim))
-    on = gate[:, :, None, :] > 0
-    logits = jnp.where(on, logits + jnp.log(jnp.where(on, gate[:, :, None, :], 1.0)), -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgr,bkrd->bkgd", weights / jnp.where(denom > 0, denom, 1.0), values)
-    o = o.reshape(B, 1, cfg.num_heads, cfg.head_dim).astype(compute_dtype(cfg, x_t))
-    y = project_out(params, o, cfg)[:, 0]
+    o = _cache_attention(q, [(cache.window_k, cache.window_v, window_gate),
+                             (cache.select_k, cache.select_v, select_gate)],
+                         1.0 / float(cfg.head_dim) ** 0.5)
+    y = project_out(params, o.astype(compute_dtype(cfg, x_t)), cfg)[:, 0]
     return y, cache.replace(pos=p + 1)
 
 

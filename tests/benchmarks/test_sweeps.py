@@ -15,7 +15,8 @@ ENV = {"device": "Test GPU", "jax": "0", "date": "2026-01-01", "commit": None}
 
 def test_presets_and_groups_resolve():
     assert presets.resolve(["long"]) == ["long8k", "long16k", "long32k", "long64k", "long128k"]
-    assert presets.resolve(["decode"]) == ["decode32k", "decode128k"]
+    assert presets.resolve(["decode"]) == ["decode32k", "decode128k", "sparsek-decode32k",
+                                           "sparsek-decode128k"]
     assert presets.resolve(["density"])[0] == "bsdensity05" and presets.GROUPS["density"][-1] == "bsdensity100"
     assert len(presets.resolve(["sparsek-sweep"])) == 2 * 5 * 3
     # Groups and names mix, each preset once, in order; "all" is BENCHMARKS.md's presets.
@@ -27,7 +28,8 @@ def test_presets_and_groups_resolve():
     assert (dec.B, dec.T, dec.s, dec.N, dec.k, dec.D, dec.dtype) == (8, 1, 131072, 32, 8, 128, "bfloat16")
     assert problems.scale_down(dec, 16).T == 1  # a decoding step stays one query
     args = cli.parse_args(["--preset", "decode", "long8k"])
-    assert args.preset == ["decode32k", "decode128k", "long8k"]
+    assert args.preset == ["decode32k", "decode128k", "sparsek-decode32k", "sparsek-decode128k",
+                           "long8k"]
     with pytest.raises(SystemExit):
         cli.parse_args(["--preset", "bsdensity15"])
 
@@ -96,12 +98,19 @@ def test_tier_table_verdicts_and_floors():
 def test_readme_holds_both_tables(tmp_path):
     spec = AttentionSpec(B=16, T=512, N=96, D=64, dtype="float16")
     (tmp_path / "test-gpu").mkdir()
-    (tmp_path / "test-gpu" / "x.json").write_text(json.dumps([_rec("seed000", "jax_sparsek", 0.3, spec)]))
+    decode = presets.PRESETS["decode32k"]
+    recs = [_rec("seed000", "jax_sparsek", 0.3, spec), _rec("decode32k", "jax_sparsek", 0.5, decode),
+            _rec("decode32k", "jax.nn[cudnn]", 0.4, decode)]
+    (tmp_path / "test-gpu" / "x.json").write_text(json.dumps(recs))
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb\n")
     report.update_readme(readme, tmp_path)
     text = readme.read_text()
     assert "old" not in text and "| ours / best peer |" in text and "| tier < 2.0 |" in text
+    # Decoding: 8 x 32768 x 8 x 128 x 2 (k and v) bf16 rows, q and o, in 0.5 ms.
+    gbps = (2 * 8 * 32768 * 8 * 128 * 2 + 2 * 8 * 32 * 128 * 2) / 0.5e6
+    assert f"| Test GPU | decode32k | jax_sparsek | 500.0 | {gbps:.0f} | {gbps / 2970:.0%} | 1.25 |" in text
+    assert "more records" not in text  # every preset is in a table
     assert text.startswith("a\n") and text.endswith("<!-- results:end -->\nb\n")
 
 
@@ -132,7 +141,7 @@ def test_ncu_command_and_summary():
     cmd = profile.command("seed003", 2, ncu="/opt/ncu", python="/py")
     assert cmd[:8] == ["/opt/ncu", "--clock-control", "none", "--set", "basic", "--csv", "--page", "details"]
     assert cmd[8:14] == ["--kernel-name-base", "demangled", "--kernel-name",
-                         "regex:jax_sparsek|SegmentedRadixSort", "--launch-count", "40"]
+                         "regex:jax_sparsek|SegmentedRadixSort", "--launch-count", "400"]
     assert cmd[14:] == ["/py", "-m", "benchmarks.profile", "seed003", "--scale-down", "2", "--child"]
     kernels = profile.parse_ncu_csv(NCU_SAMPLE)
     assert [k["name"] for k in kernels] == ["flash_fwd_kernel"] * 2 + ["lse_fixup"]
@@ -143,9 +152,11 @@ def test_ncu_command_and_summary():
     assert kernels[2]["duration_us"] == pytest.approx(1250.5) and "sm_pct" not in kernels[2]
     text = profile.summary(kernels, "seed003 forward").splitlines()
     assert text[0] == "seed003 forward"
-    assert "flash_fwd_kernel" in text[2] and "13690.0" in text[2] and "78.4" in text[2]
-    assert "lse_fixup" in text[3] and " - " in text[3]  # no SM throughput sampled
-    assert text[-1].split()[:2] == ["14940.5", "us"]
+    # flash_fwd_kernel: two launches add up; throughputs weighted by duration.
+    assert "flash_fwd_kernel" in text[2] and "27400.0" in text[2] and text[2].split()[1] == "2"
+    assert text[2].split()[2] == "78.4" and text[2].split()[3] == "31.1"
+    assert "lse_fixup" in text[3] and text[3].split()[2] == "-"  # no SM throughput sampled
+    assert text[-1].split()[:2] == ["28650.5", "us"] and "3 launches of 2 kernels" in text[-1]
     assert profile.parse_ncu_csv("==PROF== no kernels were profiled") == []
 
 

@@ -53,6 +53,22 @@ def test_flash_attention_matches_reference(B, T, S, N, K, causal, window, D, dty
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B,S,N,K,causal,window", [
+    (2, 3000, 8, 2, True, None),     # several splits per (batch, kv head)
+    (1, 777, 6, 1, True, (100, 0)),  # a window: only the last 101 keys; two head groups
+    (3, 40, 4, 4, False, None),
+])
+def test_flash_decoding_runs_the_decode_kernel(B, S, N, K, causal, window, D, dtype):
+    q, k, v = inputs([(B, 1, N, D), (B, S, K, D), (B, S, K, D)], dtype, seed=S + D)
+    kw = dict(causal=causal, window=window)
+    check(lambda q, k, v: flash_attention(q, k, v, implementation="ffi", **kw),
+          lambda q, k, v: reference.flash_attention(q, k, v, **kw), q, k, v, dtype)
+    assert_custom_call(lambda q, k, v: flash_attention(q, k, v, **kw), q, k, v,
+                       target="jax_sparsek_decode_fwd")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("block_size,mask_heads,causal", [
     ((128, 128), 2, False), ((64, 96), 4, True), ((200, 50), 1, False)])
 def test_block_sparse_matches_reference(block_size, mask_heads, causal, dtype):
