@@ -14,12 +14,13 @@ CPU_TARGETS = {
     "jax_sparsek_flash_fwd", "jax_sparsek_flash_bwd",
     "jax_sparsek_block_sparse_fwd", "jax_sparsek_block_sparse_bwd",
     "jax_sparsek_sparsek_select", "jax_sparsek_sparsek_fwd", "jax_sparsek_sparsek_bwd",
+    "jax_sparsek_decode_fwd",
 }
 
 
 def test_every_cpu_target_is_registered():
     assert {name for name in _ffi._TARGETS if _ffi.has_target(name, "cpu")} == CPU_TARGETS
-    if _ffi.WITH_CUDA:  # the CUDA build registers the flash / block-sparse kernels too
+    if _ffi.WITH_CUDA:  # the CUDA build registers the flash / block-sparse / decode kernels too
         assert all(_ffi.has_target(t, "cuda") for t in CPU_TARGETS if "sparsek_" not in t)
 
 
