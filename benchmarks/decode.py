@@ -55,12 +55,13 @@ def measure(B: int, iters: int, env: dict) -> list[dict]:
     scale = 1.0 / SHAPE["D"] ** 0.5
     k, v, gate = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
     want = np.asarray(decode.reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                       v.astype(jnp.float32), gate, scale=scale)[0])
+                                       v.astype(jnp.float32), gate, scale=scale,
+                                       heads_first=True)[0])
     impls = {
         "jax_sparsek": jax.jit(lambda q, parts: _common._cache_attention(q, parts, scale)),
         "jax_sparsek[xla]": jax.jit(lambda q, parts: decode.reference(
             q.astype(jnp.float32), *(jnp.concatenate(xs, axis=2) for xs in zip(*parts)),
-            scale=scale)[0]),
+            scale=scale, heads_first=True)[0]),
     }
     records = []
     for name, fn in impls.items():

@@ -57,7 +57,8 @@ class AttentionKernel:
     attrs: tuple[tuple[str, Any], ...]
     name: str  # the public op, for sharding warnings
     # With one query row (decoding), the forward runs the decode kernel over the keys from
-    # this index on (jax_sparsek.decode); the backward is the same.
+    # this index on (jax_sparsek.decode); its (o, lse) are the flash forward's (lse in natural
+    # log), so the backward is the unchanged flash backward kernel.
     decode_key_begin: int | None = None
 
     def _call(self, target: str, operands: dict, result_types, results: tuple[str, ...]):

@@ -9,9 +9,10 @@
 // Query head h reads kv head h / (N / K). Entry r of kv head kv has weight w = key_weight[b,
 // kv, r] (1 without weights): o = sum_r w e^{s_r} v_r / sum_r w e^{s_r} over the entries
 // r >= key_begin with w > 0, s_r = scale q.k_r; lse = log sum_r w e^{s_r}. A query with no
-// such entry gets o = 0 and lse = -inf. `partials` is the CUDA kernel's split workspace (one
-// row per split of the entries: o of the split, then its log2-domain lse); the CPU handler
-// leaves it untouched.
+// such entry gets o = 0 and lse = -inf. Weights are gates, in [0, 1]: much larger ones can
+// overflow the sums. `partials` is the CUDA kernel's split workspace (one row per split of
+// the entries: o of the split, then its log2-domain lse; at most max(1, ceil(R / 64)) splits);
+// the CPU handler leaves it untouched.
 #pragma once
 
 #include <string>
@@ -84,10 +85,11 @@ inline ffi::Error ReadDecodeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer&
   JSK_RETURN_IF_ERROR(ExpectShape("lse", lse, {B, N, 1}));
   JSK_RETURN_IF_ERROR(ExpectDtype("lse", lse, ffi::DataType::F32));
   JSK_RETURN_IF_ERROR(GetDims("partials", partials, pd));
-  if (pd[0] != B || pd[1] != N || pd[2] < 1 || pd[3] != D + 1)
+  const int64_t max_splits = std::max<int64_t>(1, (R + 63) / 64);  // splits of >= 64 entries
+  if (pd[0] != B || pd[1] != N || pd[2] < 1 || pd[2] > max_splits || pd[3] != D + 1)
     return ffi::Error::InvalidArgument("partials must have shape [B=" + str(B) + ", N=" + str(N) +
-                                       ", splits >= 1, D + 1=" + str(D + 1) + "], got " +
-                                       ShapeString(partials.dimensions()));
+                                       ", splits in [1, " + str(max_splits) + "], D + 1=" +
+                                       str(D + 1) + "], got " + ShapeString(partials.dimensions()));
   JSK_RETURN_IF_ERROR(ExpectDtype("partials", partials, ffi::DataType::F32));
   *s = DecodeShape{B, N, K, R, D, pd[2], key_begin,
                    /*batch_stride=*/R * K * D,

@@ -48,8 +48,9 @@ def decode_forward(q, k, v, key_weight=None, *, scale: float, key_begin: int = 0
     """(o [B, 1, N, D] in q's dtype, lse [B, N, 1] float32) by the FFI kernel.
 
     q [B, 1, N, D]; k, v [B, R, K, D] (or [B, K, R, D] with heads_first); key_weight float32
-    [B, K, R] or None (weight 1); entries before key_begin are not read. Arguments are
-    validated by the caller; the kernels check shapes again."""
+    [B, K, R] or None (weight 1), gates in [0, 1] (much larger weights can overflow the
+    kernels' sums); entries before key_begin are not read. Arguments are validated by the
+    caller; the kernels check shapes again."""
     kv_dims = ("b", "k", "s", "d") if heads_first else ("b", "s", "k", "d")
     if key_weight is None:  # an empty weight array keeps the operand list fixed
         B, K = q.shape[0], (k.shape[1] if heads_first else k.shape[2])
@@ -74,7 +75,7 @@ def decode_forward(q, k, v, key_weight=None, *, scale: float, key_begin: int = 0
                              [("b", "t", "n", "d"), ("b", "n", "t")], name="decode attention")
 
 
-def reference(q, k, v, key_weight, *, scale: float, heads_first: bool = True):
+def reference(q, k, v, key_weight, *, scale: float, heads_first: bool):
     """(o, lse) of decode_forward in float32 jnp (weights <= 0 mask their entries)."""
     B, _, N, D = q.shape
     if not heads_first:
@@ -105,7 +106,7 @@ def _weighted_fwd(q, k, v, key_weight, scale):
 
 
 def _weighted_bwd(scale, residuals, cotangents):
-    _, vjp = jax.vjp(lambda *a: reference(*a, scale=scale), *residuals)
+    _, vjp = jax.vjp(lambda *a: reference(*a, scale=scale, heads_first=True), *residuals)
     return vjp(cotangents)
 
 

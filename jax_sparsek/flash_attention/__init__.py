@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from jax_sparsek import _ffi
+from jax_sparsek import _ffi, decode
 from jax_sparsek._attention_vjp import cuda_unsupported
 from jax_sparsek._validation import check_attention_inputs, check_scale
 from jax_sparsek.flash_attention import ffi, reference
@@ -34,8 +34,8 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
     causal = check_causal(causal)
     left, right = check_window(window)
     scale = check_scale(scale, dims.D)
-    impl = _ffi.resolve_implementation(implementation, [ffi.FWD_TARGET, ffi.BWD_TARGET],
-                                      cuda_unsupported(q, dims))
+    targets = [ffi.FWD_TARGET, ffi.BWD_TARGET] + ([decode.TARGET] if dims.T == 1 else [])
+    impl = _ffi.resolve_implementation(implementation, targets, cuda_unsupported(q, dims))
     if impl == "xla":
         return reference.flash_attention(q, k, v, causal=causal, window=window, scale=scale)
     return ffi.flash_attention(q, k, v, causal=causal, window=(left, right), scale=scale)

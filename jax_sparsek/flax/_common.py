@@ -270,7 +270,8 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
                          axis=-1)
     enters = arrives & (cand_u >= weakest_u)
     row = jax.nn.one_hot(weakest, cfg.k_select, dtype=jnp.bool_) & enters[..., None]
-    # K/V rows by a scatter of one row per (batch, kv head): in place, not a pass over the cache.
+    # K/V rows by a scatter of one row per (batch, kv head): in place wherever XLA may reuse
+    # the cache's buffer (the carry of decode's scan, a donated cache), not a pass over it.
     b, kv = jnp.meshgrid(jnp.arange(sel_u.shape[0]), jnp.arange(sel_u.shape[1]), indexing="ij")
     replace_row = lambda rows, new: rows.at[b, kv, weakest].set(
         jnp.where(enters[..., None], new, rows[b, kv, weakest]))
@@ -299,17 +300,22 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
                          select_pos=select_pos, cand_score=buf, tau=tau, overflowed=overflowed)
 
 
-def _cache_attention(q, parts, scale: float):
+def _cache_attention(q, parts, scale: float, implementation: Optional[str] = None):
     """q [B, 1, N, D] against cache parts [(k, v [B, K, R, D], gate f32 [B, K, R])]: softmax
-    over the entries of every part, each weighted by its gate (<= 0: masked). The decode kernel
-    runs once per part, reading the rows in place, and the parts merge by their lse; without a
-    kernel for the cache's dtype on this platform, the float32 reference runs on the
-    concatenated parts."""
+    over the entries of every part, each weighted by its gate (<= 0: masked).
+
+    With the FFI kernels (`implementation` as in sparsek_attention), the decode kernel runs
+    once per part, reading the rows in place, and the parts merge by their lse; q is rounded
+    to the cache's dtype first (the kernel takes one dtype), and the step differentiates in
+    reverse mode only (custom_vjp). Otherwise the float32 reference runs on the concatenated
+    parts."""
     dtype, D = parts[0][0].dtype, q.shape[-1]
-    impl = _ffi.resolve_implementation(None, [decode_attention.TARGET], decode_attention.cuda_unsupported(dtype, D))
+    impl = _ffi.resolve_implementation(implementation, [decode_attention.TARGET],
+                                       decode_attention.cuda_unsupported(dtype, D))
     if impl == "xla":
         k, v, gate = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
-        return decode_attention.reference(q.astype(jnp.float32), k, v, gate, scale=scale)[0]
+        return decode_attention.reference(q.astype(jnp.float32), k, v, gate, scale=scale,
+                                          heads_first=True)[0]
     outs = [decode_attention.weighted_decode_attention(q.astype(dtype), k, v, gate, scale)
             for k, v, gate in parts]
     lse = jnp.stack([part_lse for _, part_lse in outs])  # [parts, B, N, 1]
@@ -351,7 +357,7 @@ def decode_step(params, x_t, cache: SparseKCache, cfg: AttentionConfig):
     select_gate = jnp.where(cache.select_pos >= 0, soft, 0.0)
     o = _cache_attention(q, [(cache.window_k, cache.window_v, window_gate),
                              (cache.select_k, cache.select_v, select_gate)],
-                         1.0 / float(cfg.head_dim) ** 0.5)
+                         1.0 / float(cfg.head_dim) ** 0.5, cfg.implementation)
     y = project_out(params, o.astype(compute_dtype(cfg, x_t)), cfg)[:, 0]
     return y, cache.replace(pos=p + 1)
 

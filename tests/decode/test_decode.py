@@ -69,11 +69,24 @@ def test_decode_cuda_matches_reference(B, R, N, K, D, heads_first, weighted, key
     check_case(B, R, N, K, D, dtype, heads_first, weighted, key_begin, seed=R + N)
 
 
-def test_every_weight_zero_gives_zeros_and_no_nan():
-    q, k, v, _ = make_case(2, 100, 4, 2, 64, "float32", True, False, 0)
-    o, lse = decode.decode_forward(q, k, v, jnp.zeros((2, 2, 100), jnp.float32), scale=0.125,
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.gpu)])
+def test_every_weight_zero_gives_zeros_and_no_nan(dtype):
+    q, k, v, _ = make_case(2, 1000, 4, 2, 64, dtype, True, False, 0)  # two splits on a GPU
+    o, lse = decode.decode_forward(q, k, v, jnp.zeros((2, 2, 1000), jnp.float32), scale=0.125,
                                    heads_first=True)
-    assert np.all(np.asarray(o) == 0.0) and np.all(np.asarray(lse) == -np.inf)
+    assert np.all(np.asarray(o, np.float32) == 0.0) and np.all(np.asarray(lse) == -np.inf)
+
+
+def test_the_cache_attention_follows_the_implementation_switch():
+    from jax_sparsek.flax import _common
+
+    q, k, v, w = make_case(1, 40, 4, 2, 16, "float32", True, True, 5)
+    parts = [(k, v, w), (k[:, :, :7], v[:, :, :7], jnp.ones((1, 2, 7), jnp.float32))]
+    fns = {impl: (lambda q, parts, impl=impl: _common._cache_attention(q, parts, 0.25, impl))
+           for impl in ("ffi", "xla")}
+    assert_close(fns["ffi"](q, parts), fns["xla"](q, parts), "float32")
+    assert_custom_call(fns["ffi"], q, parts, target=decode.TARGET)
+    assert decode.TARGET not in jax.jit(fns["xla"]).lower(q, parts).as_text()
 
 
 def test_weighted_decode_gradients_match_reference():
@@ -81,7 +94,8 @@ def test_weighted_decode_gradients_match_reference():
     w = jnp.abs(w) + 0.01  # every entry on: the weights' gradient is defined everywhere
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)[0]))
     got = jax.grad(loss(lambda *a: decode.weighted_decode_attention(*a, 0.25)), argnums=(0, 1, 2, 3))(q, k, v, w)
-    want = jax.grad(loss(lambda *a: decode.reference(*a, scale=0.25)), argnums=(0, 1, 2, 3))(q, k, v, w)
+    want = jax.grad(loss(lambda *a: decode.reference(*a, scale=0.25, heads_first=True)),
+                    argnums=(0, 1, 2, 3))(q, k, v, w)
     for g, r in zip(got, want):
         assert_close(g, r, "float32")
     assert_custom_call(lambda *a: decode.weighted_decode_attention(*a, 0.25), q, k, v, w,
@@ -94,6 +108,9 @@ def test_splits_fill_the_gpu_and_keep_splits_long():
     assert decode.num_splits(64, 8, 4, 1024) == 2
     assert decode.num_splits(512, 8, 4, 100_000) == 1  # the batch already fills the GPU
     assert decode.num_splits(2, 2, 4, 0) == 1
+    # The handlers accept at most max(1, ceil(R / 64)) splits; the heuristic stays below.
+    assert all(decode.num_splits(b, 8, 4, r) <= max(1, -(-r // 64))
+               for b in (1, 8, 64) for r in (0, 1, 100, 4096, 131072))
 
 
 def test_the_kernel_returns_errors_not_aborts():
@@ -103,6 +120,12 @@ def test_the_kernel_returns_errors_not_aborts():
                                            jax.ShapeDtypeStruct((1, 4, 1, 16), jnp.float32)))
     with pytest.raises(Exception, match="partials must have shape"):
         bad(q, k, v, jnp.zeros((1, 2, 0), jnp.float32), scale=np.float32(0.25),
+            key_begin=np.int64(0), heads_first=True)
+    with pytest.raises(Exception, match=r"splits in \[1, 1\]"):  # 32 entries: one split at most
+        jax.ffi.ffi_call(decode.TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                                         jax.ShapeDtypeStruct((1, 4, 1), jnp.float32),
+                                         jax.ShapeDtypeStruct((1, 4, 2, 17), jnp.float32)))(
+            q, k, v, jnp.zeros((1, 2, 0), jnp.float32), scale=np.float32(0.25),
             key_begin=np.int64(0), heads_first=True)
     two_queries = jnp.concatenate([q, q], axis=1)
     with pytest.raises(Exception, match="one query per sequence"):
@@ -125,7 +148,8 @@ def test_sparsek_cache_attention_on_the_kernel_matches_reference():
     parts = [(k1, v1, w1), (k2, v2, w2)]
     got = jax.jit(lambda q, parts: _common._cache_attention(q, parts, 0.1))(q, parts)
     cat = lambda *xs: jnp.concatenate(xs, axis=2)
-    want = decode.reference(*upcast(q, cat(k1, k2), cat(v1, v2)), cat(w1, w2), scale=0.1)[0]
+    want = decode.reference(*upcast(q, cat(k1, k2), cat(v1, v2)), cat(w1, w2), scale=0.1,
+                            heads_first=True)[0]
     assert_close(got, want, "bfloat16")
     assert_custom_call(lambda q, parts: _common._cache_attention(q, parts, 0.1), q, parts,
                        target=decode.TARGET)
