@@ -63,11 +63,11 @@ def measure(B: int, iters: int, env: dict) -> list[dict]:
             q.astype(jnp.float32), *(jnp.concatenate(xs, axis=2) for xs in zip(*parts)),
             scale=scale, heads_first=True)[0]),
     }
+    rows = SHAPE["window"] + SHAPE["k_select"]
+    flops = 4 * B * SHAPE["N"] * rows * SHAPE["D"]
     records = []
     for name, fn in impls.items():
         ms, out = timing.median_ms(lambda: fn(q, parts), jax.block_until_ready, iters)
-        rows = SHAPE["window"] + SHAPE["k_select"]
-        flops = 4 * B * SHAPE["N"] * rows * SHAPE["D"]
         records.append({
             "preset": f"sparsek-decode-b{B}", "op": "sparsek_decode", "impl": name, "pass": "fwd",
             "B": B, "T": 1, "S": rows, "N": SHAPE["N"], "K": SHAPE["K"], "D": SHAPE["D"],

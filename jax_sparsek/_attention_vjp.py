@@ -37,15 +37,6 @@ def _mask_dims(shape, sizes) -> tuple[str, ...]:
     return (batch, heads, "qb", "kb")
 
 
-def cuda_unsupported(q, dims) -> str | None:
-    """Why the CUDA flash / block-sparse kernels can't run these inputs, or None."""
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"take bfloat16 or float16 inputs, got {jnp.dtype(q.dtype)}"
-    if dims.D not in (64, 128) or dims.Dv != dims.D:
-        return f"take head dims 64 or 128 with Dv == D, got D={dims.D}, Dv={dims.Dv}"
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionKernel:
     """One attention kernel pair: FFI target names and the attributes both calls get.

@@ -68,13 +68,25 @@ def default_platform() -> str:
     return platform.lower().replace("gpu", "cuda")
 
 
+def cuda_unsupported(dtype, head_dim: int, value_head_dim: int | None = None) -> str | None:
+    """Why the CUDA kernels (every op's: they take 16-bit inputs and one head dim of 64 or 128
+    for q, k and v) can't run inputs of this dtype and head dims, or None."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"take bfloat16 or float16 inputs, got {jnp.dtype(dtype)}"
+    if value_head_dim is None and head_dim not in (64, 128):
+        return f"take head dims 64 or 128, got D={head_dim}"
+    if value_head_dim is not None and (head_dim not in (64, 128) or value_head_dim != head_dim):
+        return f"take head dims 64 or 128 with Dv == D, got D={head_dim}, Dv={value_head_dim}"
+    return None
+
+
 def resolve_implementation(implementation: str | None, targets: Sequence[str],
-                           cuda_unsupported: str | None = None) -> str:
+                           cuda_limit: str | None = None) -> str:
     """Maps the user's `implementation=` to "ffi" or "xla".
 
     None picks the FFI kernels when this build has them for the default backend (and, on a
-    GPU, when `cuda_unsupported` names no limit of the CUDA kernels that this call hits) and
-    the pure-JAX reference otherwise; "ffi" insists on the kernels.
+    GPU, when `cuda_limit`, cuda_unsupported's answer, names no limit of the CUDA kernels that
+    this call hits) and the pure-JAX reference otherwise; "ffi" insists on the kernels.
     """
     if implementation not in (None, "ffi", "xla"):
         raise ValueError(f'implementation must be None, "ffi" or "xla", got {implementation!r}')
@@ -85,8 +97,8 @@ def resolve_implementation(implementation: str | None, targets: Sequence[str],
     if not all(has_target(t, platform) for t in targets):
         reason = (f"this build has no {platform} kernel for {', '.join(targets)} "
                   f"(CUDA kernels: {'built' if WITH_CUDA else 'not built'})")
-    elif platform == "cuda" and cuda_unsupported:
-        reason = f"the CUDA kernels {cuda_unsupported}"
+    elif platform == "cuda" and cuda_limit:
+        reason = f"the CUDA kernels {cuda_limit}"
     if reason is None:
         return "ffi"
     if implementation == "ffi":

@@ -115,6 +115,31 @@ PRESETS: dict[str, AttentionSpec] = {
 }
 
 
+# ---- SparseK test cases ---------------------------------------------------------------
+# A case is (B, T, S, N, K, D, [Dv,] k_select, window, causal).
+
+
+def sparsek_inputs(case, *, dtype=jnp.float32, seed: int = 0, tied_scores: bool = False):
+    """(q, k, v, scores) of a SparseK case: standard normal q, k, v in `dtype` and float32
+    scores 2 x normal, rounded to halves with `tied_scores` (ties in the top-k and at the
+    SparseK breakpoints)."""
+    B, T, S, N, K, D = case[:6]
+    Dv = case[6] if len(case) == 10 else D
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+    q, k, v = (jnp.asarray(normal(*shape), dtype)
+               for shape in ((B, T, N, D), (B, S, K, D), (B, S, K, Dv)))
+    scores = 2.0 * normal(B, S, K)
+    if tied_scores:
+        scores = np.round(scores * 2.0) / 2.0
+    return q, k, v, jnp.asarray(scores)
+
+
+def sparsek_options(case) -> dict:
+    *_, k_select, window, causal = case
+    return dict(k_select=k_select, window=window, causal=causal)
+
+
 # ---- comparison helpers -------------------------------------------------------------
 # Relative-error bounds against a float32 reference, by input dtype.
 TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2, "float16": 4e-3}

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -127,6 +128,11 @@ inline ffi::Error ExpectDtype(const char* what, const ffi::AnyBuffer& buf, ffi::
   if (buf.element_type() == dtype) return ffi::Error::Success();
   return ffi::Error::InvalidArgument(std::string(what) + " must be " + DtypeName(dtype) + ", got " +
                                      DtypeName(buf.element_type()));
+}
+
+inline ffi::Error CheckScale(float scale) {
+  if (std::isfinite(scale)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
 }
 
 #define JSK_RETURN_IF_ERROR(expr)          \

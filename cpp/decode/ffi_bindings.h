@@ -78,8 +78,7 @@ inline ffi::Error ReadDecodeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer&
   }
   if (key_begin < 0)
     return ffi::Error::InvalidArgument("key_begin must be >= 0, got " + str(key_begin));
-  if (!(scale == scale) || scale - scale != 0.0f)
-    return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
+  JSK_RETURN_IF_ERROR(CheckScale(scale));
   JSK_RETURN_IF_ERROR(ExpectShape("o", o, {B, 1, N, D}));
   JSK_RETURN_IF_ERROR(ExpectDtype("o", o, q.element_type()));
   JSK_RETURN_IF_ERROR(ExpectShape("lse", lse, {B, N, 1}));

@@ -20,11 +20,6 @@ std::string Str(int64_t x) { return std::to_string(x); }
 // ReadAttentionShape accepts).
 Dims KernelDims(const AttentionShape& s) { return Dims{s.B, s.T, s.S, s.N, s.K, s.D, s.Dv}; }
 
-ffi::Error CheckScale(float scale) {
-  if (std::isfinite(scale)) return ffi::Error::Success();
-  return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
-}
-
 ffi::Error MakeDenseMask(const AttentionShape& d, bool causal, int64_t left, int64_t right,
                          DenseMask* out) {
   if (left < -1 || right < -1)

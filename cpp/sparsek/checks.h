@@ -47,8 +47,7 @@ inline ffi::Error CheckAttentionArgs(const ffi::AnyBuffer& q, const ffi::AnyBuff
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, s));
   JSK_RETURN_IF_ERROR(CheckLike("scores", scores, ffi::DataType::F32, {s->B, s->S, s->K}));
   JSK_RETURN_IF_ERROR(CheckSelectionAttrs(k_select, window));
-  if (!std::isfinite(scale))
-    return ffi::Error::InvalidArgument("scale must be finite, got " + std::to_string(scale));
+  JSK_RETURN_IF_ERROR(CheckScale(scale));
   JSK_RETURN_IF_ERROR(CheckLike("tau", tau, ffi::DataType::F32, {s->B, s->K, s->T}));
   return CheckLike("kth", kth, ffi::DataType::S32, {s->B, s->K, s->T});
 }

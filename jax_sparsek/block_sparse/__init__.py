@@ -6,7 +6,6 @@ from __future__ import annotations
 import jax
 
 from jax_sparsek import _ffi
-from jax_sparsek._attention_vjp import cuda_unsupported
 from jax_sparsek._validation import check_attention_inputs, check_scale
 from jax_sparsek.block_sparse import ffi, reference
 from jax_sparsek.block_sparse.reference import check_block_mask, check_block_size
@@ -38,7 +37,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size, causal: bool = Fa
     causal = check_causal(causal)
     scale = check_scale(scale, dims.D)
     impl = _ffi.resolve_implementation(implementation, [ffi.FWD_TARGET, ffi.BWD_TARGET],
-                                      cuda_unsupported(q, dims))
+                                      _ffi.cuda_unsupported(q.dtype, dims.D, dims.Dv))
     if impl == "xla":
         return reference.block_sparse_attention(q, k, v, block_mask, block_size=block_size,
                                                 causal=causal, scale=scale)

@@ -34,15 +34,6 @@ def num_splits(batch: int, kv_heads: int, group: int, entries: int) -> int:
     return max(1, min(-(-entries // _MIN_SPLIT), -(-_TARGET_CTAS // ctas)))
 
 
-def cuda_unsupported(dtype, head_dim: int) -> str | None:
-    """Why the CUDA decode kernel can't run these inputs, or None."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"take bfloat16 or float16 inputs, got {jnp.dtype(dtype)}"
-    if head_dim not in (64, 128):
-        return f"take head dims 64 or 128, got {head_dim}"
-    return None
-
-
 def decode_forward(q, k, v, key_weight=None, *, scale: float, key_begin: int = 0,
                    heads_first: bool = False):
     """(o [B, 1, N, D] in q's dtype, lse [B, N, 1] float32) by the FFI kernel.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 
 from jax_sparsek import _ffi, decode
-from jax_sparsek._attention_vjp import cuda_unsupported
 from jax_sparsek._validation import check_attention_inputs, check_scale
 from jax_sparsek.flash_attention import ffi, reference
 from jax_sparsek.flash_attention.reference import check_causal, check_window
@@ -35,7 +34,8 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
     left, right = check_window(window)
     scale = check_scale(scale, dims.D)
     targets = [ffi.FWD_TARGET, ffi.BWD_TARGET] + ([decode.TARGET] if dims.T == 1 else [])
-    impl = _ffi.resolve_implementation(implementation, targets, cuda_unsupported(q, dims))
+    impl = _ffi.resolve_implementation(implementation, targets,
+                                      _ffi.cuda_unsupported(q.dtype, dims.D, dims.Dv))
     if impl == "xla":
         return reference.flash_attention(q, k, v, causal=causal, window=window, scale=scale)
     return ffi.flash_attention(q, k, v, causal=causal, window=(left, right), scale=scale)

@@ -311,7 +311,7 @@ def _cache_attention(q, parts, scale: float, implementation: Optional[str] = Non
     parts."""
     dtype, D = parts[0][0].dtype, q.shape[-1]
     impl = _ffi.resolve_implementation(implementation, [decode_attention.TARGET],
-                                       decode_attention.cuda_unsupported(dtype, D))
+                                       _ffi.cuda_unsupported(dtype, D))
     if impl == "xla":
         k, v, gate = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
         return decode_attention.reference(q.astype(jnp.float32), k, v, gate, scale=scale,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import types
-
 from jax_sparsek import _ffi
-from jax_sparsek._attention_vjp import cuda_unsupported
 from jax_sparsek.sparsek import ffi as _sparsek_ffi
 from jax_sparsek.sparsek import reference as _reference
 from jax_sparsek.sparsek.operator import sparsek, sparsek_threshold
@@ -35,7 +32,7 @@ def sparsek_attention(q, k, v, scores, *, k_select: int, window: int, causal: bo
     _, k_select, window, causal, scale = _reference.check_sparsek_inputs(
         q, k, v, scores, k_select, window, causal, scale)
     platform = _ffi.default_platform()
-    unsupported = cuda_unsupported(q, types.SimpleNamespace(D=q.shape[3], Dv=v.shape[3]))
+    unsupported = _ffi.cuda_unsupported(q.dtype, q.shape[3], v.shape[3])
     if _ffi.resolve_implementation(implementation, _sparsek_ffi.targets_for(platform),
                                    unsupported) == "xla":
         return _reference.sparsek_attention_dense(q, k, v, scores, k_select=k_select,

@@ -12,7 +12,8 @@ import pytest
 from jax_sparsek import reference, sparsek_attention
 from jax_sparsek.sparsek import ffi as sparsek_ffi
 from jax_sparsek.sparsek import reference as sparsek_reference
-from jax_sparsek.testing import assert_close, assert_custom_call, rel_err
+from jax_sparsek.testing import (assert_close, assert_custom_call, rel_err, sparsek_inputs,
+                                 sparsek_options)
 
 # (B, T, S, N, K, D, Dv, k_select, window, causal)
 CONFIGS = {
@@ -33,27 +34,10 @@ def np32(x):
     return np.asarray(x).astype(np.float32)
 
 
-def make_inputs(config, seed=0, dtype=jnp.float32, tied_scores=False):
-    B, T, S, N, K, D, Dv, *_ = config
-    rng = np.random.default_rng(seed)
-    normal = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
-    q, k, v = (jnp.asarray(normal(*shape).astype(dtype))
-               for shape in ((B, T, N, D), (B, S, K, D), (B, S, K, Dv)))
-    scores = 2.0 * normal(B, S, K)
-    if tied_scores:  # few distinct values: ties in the top-k and at the SparseK breakpoints
-        scores = np.round(scores * 2.0) / 2.0
-    return q, k, v, jnp.asarray(scores)
-
-
-def options(config):
-    *_, k_select, window, causal = config
-    return dict(k_select=k_select, window=window, causal=causal)
-
-
 @functools.lru_cache(maxsize=None)
 def value_and_grads(config, implementation):
     """jit(o, (dq, dk, dv, dscores)) for a fixed random cotangent of o."""
-    opts = options(config)
+    opts = sparsek_options(config)
 
     def run(q, k, v, scores, do):
         fn = lambda q, k, v, s: sparsek_attention(q, k, v, s, implementation=implementation, **opts)
@@ -75,7 +59,7 @@ def test_ffi_matches_reference(name):
     reference_fn = value_and_grads(config, "xla")
     for dtype, tied in ((jnp.float32, False), (jnp.float32, True), (jnp.bfloat16, False),
                         (jnp.float16, False)):
-        q, k, v, scores = make_inputs(config, seed=1, dtype=dtype, tied_scores=tied)
+        q, k, v, scores = sparsek_inputs(config, seed=1, dtype=dtype, tied_scores=tied)
         o, grads = value_and_grads(config, "ffi")(q, k, v, scores, do)
         # The reference sees the same (rounded) inputs in float32.
         up = [jnp.asarray(np32(x)) for x in (q, k, v)]
@@ -98,8 +82,8 @@ def test_ffi_matches_reference(name):
 @pytest.mark.parametrize("tied", [False, True])
 def test_selection_matches_reference(name, tied):
     config = CONFIGS[name]
-    T, opts = config[1], options(config)
-    _, _, _, scores = make_inputs(config, seed=2, tied_scores=tied)
+    T, opts = config[1], sparsek_options(config)
+    _, _, _, scores = sparsek_inputs(config, seed=2, tied_scores=tied)
     tau, kth = sparsek_ffi.select(scores, num_queries=T, **opts)
     tau_ref, kth_ref, *_ = sparsek_reference.selection(scores, T, **opts)
     tau_ref = np.broadcast_to(tau_ref, tau.shape)
@@ -124,7 +108,7 @@ def test_gradients_match_float64_central_differences(config):
     """FFI and reference gradients of all four inputs against central differences of the
     reference evaluated in float64."""
     B, T, S, N, K, D, Dv, k_select, window, causal = config
-    q, k, v, scores = make_inputs(config, seed=3)
+    q, k, v, scores = sparsek_inputs(config, seed=3)
     do = cotangent(config)
     o, grads = value_and_grads(config, "ffi")(q, k, v, scores, do)
     _, grads_ref = value_and_grads(config, "xla")(q, k, v, scores, do)
@@ -156,7 +140,7 @@ def test_gradients_match_float64_central_differences(config):
 def test_zero_rows_have_zero_output_and_finite_gradients():
     # T > S: queries 0..3 sit before the first key; window 0, k_select 1: query 4 sees key 0.
     config = (1, 8, 4, 2, 1, 4, 4, 1, 0, True)
-    q, k, v, scores = make_inputs(config, seed=4)
+    q, k, v, scores = sparsek_inputs(config, seed=4)
     do = cotangent(config)
     for implementation in ("ffi", "xla"):
         o, grads = value_and_grads(config, implementation)(q, k, v, scores, do)
@@ -169,8 +153,8 @@ def test_zero_rows_have_zero_output_and_finite_gradients():
 def test_window_only_rows_equal_local_attention():
     # No candidate anywhere (window >= S): plain causal attention over the window.
     config = CONFIGS["window-covers-all"]
-    q, k, v, scores = make_inputs(config, seed=5)
-    o = sparsek_attention(q, k, v, scores, implementation="ffi", **options(config))
+    q, k, v, scores = sparsek_inputs(config, seed=5)
+    o = sparsek_attention(q, k, v, scores, implementation="ffi", **sparsek_options(config))
     kk = jnp.repeat(k, 2, axis=2)
     vv = jnp.repeat(v, 2, axis=2)
     expected = jax.nn.dot_product_attention(q, kk, vv, is_causal=True)
@@ -179,8 +163,8 @@ def test_window_only_rows_equal_local_attention():
 
 def test_vmap_jit_grad():
     config = CONFIGS["square-gqa2"]
-    opts = options(config)
-    q, k, v, scores = make_inputs(config, seed=6)
+    opts = sparsek_options(config)
+    q, k, v, scores = sparsek_inputs(config, seed=6)
     do = cotangent(config)
     stack = lambda x: jnp.stack([x, 0.5 * x])
     qs, ks, vs, ss = map(stack, (q, k, v, scores))
@@ -209,8 +193,8 @@ def test_vmap_jit_grad():
 
 def test_lowering_calls_the_ffi_targets():
     config = CONFIGS["square-gqa2"]
-    opts = options(config)
-    q, k, v, scores = make_inputs(config)
+    opts = sparsek_options(config)
+    q, k, v, scores = sparsek_inputs(config)
     fwd = lambda q, k, v, s: sparsek_attention(q, k, v, s, **opts)  # default: the kernels
     assert_custom_call(fwd, q, k, v, scores, target=sparsek_ffi.SELECT_TARGET)
     assert_custom_call(fwd, q, k, v, scores, target=sparsek_ffi.FWD_TARGET)
@@ -221,9 +205,9 @@ def test_lowering_calls_the_ffi_targets():
 def test_reference_module_maps_sparsek_attention():
     assert reference.sparsek_attention is sparsek_reference.sparsek_attention
     config = CONFIGS["noncausal"]
-    q, k, v, scores = make_inputs(config, seed=7)
-    assert_close(reference.sparsek_attention(q, k, v, scores, **options(config)),
-                 sparsek_attention(q, k, v, scores, implementation="xla", **options(config)),
+    q, k, v, scores = sparsek_inputs(config, seed=7)
+    assert_close(reference.sparsek_attention(q, k, v, scores, **sparsek_options(config)),
+                 sparsek_attention(q, k, v, scores, implementation="xla", **sparsek_options(config)),
                  jnp.float32)
 
 
@@ -248,7 +232,7 @@ def test_bad_arguments_raise_with_their_name(change, error, name, implementation
 
 def test_huge_k_select_and_window_mean_everything():
     config = CONFIGS["square-gqa2"]
-    q, k, v, scores = make_inputs(config, seed=8)
+    q, k, v, scores = sparsek_inputs(config, seed=8)
     S, T = k.shape[1], q.shape[1]
     for implementation in ("ffi", "xla"):
         run = lambda **kw: sparsek_attention(q, k, v, scores, implementation=implementation, **kw)

@@ -10,7 +10,8 @@ import pytest
 from jax_sparsek import sparsek_attention
 from jax_sparsek.sparsek import ffi as sparsek_ffi
 from jax_sparsek.sparsek import reference as sparsek_reference
-from jax_sparsek.testing import assert_close, assert_custom_call, upcast
+from jax_sparsek.testing import (assert_close, assert_custom_call, sparsek_inputs, sparsek_options,
+                                 upcast)
 
 pytestmark = pytest.mark.gpu
 GRAD_FACTOR = 4.0
@@ -29,28 +30,12 @@ CONFIGS = {
 }
 
 
-def make_inputs(config, dtype, seed, tied=False):
-    B, T, S, N, K, D, *_ = config
-    rng = np.random.default_rng(seed)
-    normal = lambda *s: rng.standard_normal(s, np.float32)
-    q, k, v = (jnp.asarray(normal(*s), dtype) for s in ((B, T, N, D), (B, S, K, D), (B, S, K, D)))
-    scores = 2.0 * normal(B, S, K)
-    if tied:  # few distinct values: ties in the top-k and at the SparseK breakpoints
-        scores = np.round(scores * 2.0) / 2.0
-    return q, k, v, jnp.asarray(scores)
-
-
-def options(config):
-    *_, k_select, window, causal = config
-    return dict(k_select=k_select, window=window, causal=causal)
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("tied", [False, True])
 def test_selection_matches_cpu(name, tied):
     config = CONFIGS[name]
-    T, opts = config[1], options(config)
-    scores = make_inputs(config, jnp.bfloat16, seed=3, tied=tied)[3]
+    T, opts = config[1], sparsek_options(config)
+    scores = sparsek_inputs(config, dtype=jnp.bfloat16, seed=3, tied_scores=tied)[3]
     tau, kth = sparsek_ffi.select(scores, num_queries=T, platform="cuda", **opts)
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
@@ -68,8 +53,8 @@ def test_key_ranks_follow_the_score_order(name, tied):
     """key_rank (read by the forward's selection test) ranks each row's keys by ascending
     (score, index), -0 and +0 equal; tile lists hold ascending, in-range, distinct keys."""
     config = CONFIGS[name]
-    T, opts = config[1], options(config)
-    scores = np.array(make_inputs(config, jnp.bfloat16, seed=5, tied=tied)[3])
+    T, opts = config[1], sparsek_options(config)
+    scores = np.array(sparsek_inputs(config, dtype=jnp.bfloat16, seed=5, tied_scores=tied)[3])
     if tied:
         scores[:, ::7] = -0.0  # signed zeros among the ties
         scores[:, 3::7] = 0.0
@@ -93,8 +78,8 @@ def test_key_ranks_follow_the_score_order(name, tied):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_values_and_gradients_match_reference(name, dtype):
     config = CONFIGS[name]
-    opts = options(config)
-    q, k, v, scores = make_inputs(config, dtype, seed=11)
+    opts = sparsek_options(config)
+    q, k, v, scores = sparsek_inputs(config, dtype=dtype, seed=11)
     do = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape, np.float32), dtype)
 
     def value_and_grads(fn, q, k, v, scores, do):
@@ -116,8 +101,8 @@ def test_values_and_gradients_match_reference(name, dtype):
 
 def test_lowers_to_the_cuda_targets():
     config = CONFIGS["causal"]
-    q, k, v, scores = make_inputs(config, jnp.bfloat16, seed=0)
-    fwd = lambda q, k, v, s: sparsek_attention(q, k, v, s, **options(config))
+    q, k, v, scores = sparsek_inputs(config, dtype=jnp.bfloat16, seed=0)
+    fwd = lambda q, k, v, s: sparsek_attention(q, k, v, s, **sparsek_options(config))
     for target in (sparsek_ffi.CUDA_SELECT_TARGET, sparsek_ffi.CUDA_FWD_TARGET):
         assert_custom_call(fwd, q, k, v, scores, target=target)
     grad = jax.grad(lambda *xs: fwd(*xs).astype(jnp.float32).sum(), argnums=(0, 3))
@@ -126,8 +111,8 @@ def test_lowers_to_the_cuda_targets():
 
 def test_float32_and_odd_head_dims_run_the_reference():
     config = (1, 64, 64, 2, 2, 32, 8, 8, True)
-    q, k, v, scores = make_inputs(config, jnp.float32, seed=0)
-    o = sparsek_attention(q, k, v, scores, **options(config))
+    q, k, v, scores = sparsek_inputs(config, dtype=jnp.float32, seed=0)
+    o = sparsek_attention(q, k, v, scores, **sparsek_options(config))
     assert o.shape == q.shape
     with pytest.raises(ValueError, match="ffi"):
-        sparsek_attention(q, k, v, scores, implementation="ffi", **options(config))
+        sparsek_attention(q, k, v, scores, implementation="ffi", **sparsek_options(config))

@@ -59,6 +59,10 @@ cudaError_t LaunchFlashForward(const FwdArgs& args, FwdKernel kernel, cudaStream
 cudaError_t LaunchFwdWgmma(const FwdArgs& args, bool pingpong, cudaStream_t stream, std::string* error);
 cudaError_t LaunchFwdMma(const FwdArgs& args, cudaStream_t stream, std::string* error);
 cudaError_t LaunchFlashBackward(const BwdArgs& args, cudaStream_t stream, std::string* error);
+// dst = scale * src in bfloat16 or float16 (elements a multiple of 4): the backward's fp32
+// accumulators in the input dtype.
+cudaError_t LaunchScaleTo16Bit(const float* src, void* dst, int64_t elements, float scale, bool bf16,
+                               cudaStream_t stream);
 
 // Builds a 4-D TMA map {D, seq, heads, batch} over a [batch, seq, heads, D] 16-bit tensor
 // with 64x64 boxes and 128-byte swizzle (tma.cu).

@@ -6,7 +6,7 @@
 //      tile (64 rows) that sees the key tile, Q and dO stream through a two-stage TMA
 //      pipeline, and the CTA accumulates dK and dV in registers (no atomics, deterministic)
 //      and adds its dQ share to the fp32 workspace with atomics;
-//   3. dq_convert_kernel: dq = scale * dq_accum in the input dtype.
+//   3. scale_to_16bit_kernel: dq = scale * dq_accum in the input dtype.
 // Accumulation mode (BwdArgs::dk_accum / dv_accum set, used by SparseK's window part): step 2
 // stores fp32 dk and dv into those buffers instead, and step 3 is skipped.
 #include <algorithm>
@@ -344,17 +344,15 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const uint16_t* o, const
   }
 }
 
-// dq = scale * dq_accum in the input dtype; 4 elements per thread (D is a multiple of 4).
+// dst = scale * src in the 16-bit dtype; 4 elements per thread.
 template <bool kBf16>
-__global__ void __launch_bounds__(256) dq_convert_kernel(const float* acc, uint16_t* dq, int64_t n4,
-                                                         float scale) {
+__global__ void __launch_bounds__(256) scale_to_16bit_kernel(const float* src, uint16_t* dst,
+                                                             int64_t n4, float scale) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const float4 v = reinterpret_cast<const float4*>(acc)[i];
-    uint2 out;
-    out.x = pack2<kBf16>(v.x * scale, v.y * scale);
-    out.y = pack2<kBf16>(v.z * scale, v.w * scale);
-    reinterpret_cast<uint2*>(dq)[i] = out;
+    const float4 v = reinterpret_cast<const float4*>(src)[i];
+    reinterpret_cast<uint2*>(dst)[i] =
+        make_uint2(pack2<kBf16>(v.x * scale, v.y * scale), pack2<kBf16>(v.z * scale, v.w * scale));
   }
 }
 
@@ -364,7 +362,7 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
   const int64_t rows = int64_t(d.B) * d.T * d.N;
   cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  // delta lives in the dq buffer until dq_convert_kernel overwrites it.
+  // delta lives in the dq buffer until the dq conversion overwrites it.
   float* delta = static_cast<float*>(a.dq);
   bwd_delta_kernel<kBf16, D><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const uint16_t*>(a.o), static_cast<const uint16_t*>(a.do_), delta, rows, d.T, d.N);
@@ -387,14 +385,19 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (a.dk_accum) return cudaSuccess;  // accumulation mode: the caller converts
 
-  const int64_t n4 = rows * D / 4;
-  const unsigned blocks = unsigned(std::min<int64_t>((n4 + 255) / 256, 1 << 16));
-  dq_convert_kernel<kBf16><<<blocks, 256, 0, stream>>>(a.dq_accum, static_cast<uint16_t*>(a.dq),
-                                                       n4, a.scale);
-  return cudaGetLastError();
+  return LaunchScaleTo16Bit(a.dq_accum, a.dq, rows * D, a.scale, kBf16, stream);
 }
 
 }  // namespace
+
+cudaError_t LaunchScaleTo16Bit(const float* src, void* dst, int64_t elements, float scale, bool bf16,
+                               cudaStream_t stream) {
+  const int64_t n4 = elements / 4;
+  const unsigned blocks = unsigned(std::min<int64_t>((n4 + 255) / 256, 1 << 16));
+  auto kernel = bf16 ? scale_to_16bit_kernel<true> : scale_to_16bit_kernel<false>;
+  kernel<<<blocks, 256, 0, stream>>>(src, static_cast<uint16_t*>(dst), n4, scale);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchFlashBackward(const BwdArgs& a, cudaStream_t stream, std::string* error) {
   const AttentionDims& d = a.dims;

@@ -122,6 +122,7 @@ ffi::Error LaunchResult(cudaError_t err, const std::string& detail, const char* 
 ffi::Error Forward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                    const ffi::AnyBuffer& v, const MaskSpec& mask_in, const AttentionDims& dims,
                    bool bf16, ffi::AnyBuffer o, ffi::AnyBuffer lse, float scale) {
+  JSK_RETURN_IF_ERROR(CheckScale(scale));
   FwdArgs a;
   a.dims = dims;
   a.mask = mask_in;
@@ -143,6 +144,7 @@ ffi::Error Backward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::Any
                     const AttentionDims& d, bool bf16, float scale, ffi::AnyBuffer dq,
                     ffi::AnyBuffer dk, ffi::AnyBuffer dv, ffi::AnyBuffer dq_accum) {
   const ffi::DataType dt = q.element_type();
+  JSK_RETURN_IF_ERROR(CheckScale(scale));
   JSK_RETURN_IF_ERROR(CheckAttentionOutputs(shape, dt, o, lse));
   JSK_RETURN_IF_ERROR(CheckAttentionGradients(shape, dt, dout, dq, dk, dv));
   JSK_RETURN_IF_ERROR(ExpectShape("dq_accum", dq_accum, {shape.B, shape.T, shape.N, shape.D}));

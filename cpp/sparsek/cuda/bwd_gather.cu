@@ -17,7 +17,7 @@
 //   3. the tau term: tau_ranges_kernel (per key l: the query range of bwd_tau.cuh and a
 //      difference array of the support sizes), tau_prefix_kernel (per batch and kv head: prefix
 //      sums of G_i / |M_i| over the queries), tau_apply_kernel (dscores = du - range sum);
-//   4. to_16bit_kernel: dq = scale * dq_accum, dk, dv in the input dtype.
+//   4. LaunchScaleTo16Bit (flash backward's): dq = scale * dq_accum, dk, dv in the input dtype.
 // Not deterministic: dk, dv and du are summed with atomics in arbitrary order (dq too, in the
 // flash part), so results vary in the last bits from run to run.
 #include <cub/block/block_scan.cuh>
@@ -483,27 +483,6 @@ __global__ void __launch_bounds__(kKeyThreads) tau_apply_kernel(const TauParams 
   p.dscores[(int64_t(b) * d.S + l) * d.K + h] = float(p.du[bh * d.S + l] - tau_term);
 }
 
-// ---- conversion -------------------------------------------------------------------------
-// dst = scale * src in the 16-bit dtype; 4 elements per thread (n4 groups of 4).
-template <bool kBf16>
-__global__ void __launch_bounds__(256) to_16bit_kernel(const float* src, uint16_t* dst, int64_t n4,
-                                                       float scale) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float4 x = reinterpret_cast<const float4*>(src)[i];
-    reinterpret_cast<uint2*>(dst)[i] =
-        make_uint2(pack2<kBf16>(x.x * scale, x.y * scale), pack2<kBf16>(x.z * scale, x.w * scale));
-  }
-}
-
-template <bool kBf16>
-cudaError_t Convert(const float* src, void* dst, size_t elements, float scale, cudaStream_t stream) {
-  const int64_t n4 = int64_t(elements / 4);
-  const unsigned blocks = unsigned(std::min<int64_t>((n4 + 255) / 256, 1 << 16));
-  to_16bit_kernel<kBf16><<<blocks, 256, 0, stream>>>(src, static_cast<uint16_t*>(dst), n4, scale);
-  return cudaGetLastError();
-}
-
 template <bool kBf16, int D>
 cudaError_t LaunchGather(const BackwardArgs& a, const Workspace& w, cudaStream_t stream) {
   const SparsekDims& d = a.dims;
@@ -586,10 +565,12 @@ cudaError_t LaunchSparsekBackward(const BackwardArgs& a, cudaStream_t stream, st
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   // 4. The 16-bit gradients.
-  auto convert = a.bf16 ? Convert<true> : Convert<false>;
-  if ((err = convert(w.dq_accum, a.dq, q_elems, a.scale, stream)) != cudaSuccess) return err;
-  if ((err = convert(w.dk_accum, a.dk, kv_elems, 1.f, stream)) != cudaSuccess) return err;
-  return convert(w.dv_accum, a.dv, kv_elems, 1.f, stream);
+  auto convert = [&](const float* src, void* dst, size_t elements, float scale) {
+    return LaunchScaleTo16Bit(src, dst, int64_t(elements), scale, a.bf16, stream);
+  };
+  if ((err = convert(w.dq_accum, a.dq, q_elems, a.scale)) != cudaSuccess) return err;
+  if ((err = convert(w.dk_accum, a.dk, kv_elems, 1.f)) != cudaSuccess) return err;
+  return convert(w.dv_accum, a.dv, kv_elems, 1.f);
 }
 
 }  // namespace jax_sparsek::cuda::sparsek
