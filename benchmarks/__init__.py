@@ -24,6 +24,7 @@ for SparseK) with a fixed random `do`.
 Implementations (`impl` of the records):
 - `jax_sparsek`: our op with implementation="ffi" (the compiled kernels; never the reference
   under this name). `jax_sparsek[xla]`: our pure-JAX reference (`jax_sparsek.reference`).
+  `jax_sparsek[deterministic]`: flash / block-sparse fwd+bwd with deterministic=True.
 - `jax.nn[xla]`, `jax.nn[cudnn]`: jax.nn.dot_product_attention. `pallas.attention_mgpu`:
   jax's Mosaic-GPU attention, forward only, fastest of block_kv 64/128/256, q pre-scaled;
   its kernel only has float16 buffers, so bfloat16 problems run it in float16.
@@ -39,7 +40,8 @@ prints one line and records nothing.
 
 Columns: TF/s from AttentionSpec.flops (fwd+bwd = 3.5x fwd), us/head = ms * 1000 / N,
 GB/s from q, k, v read and o written once (+ scores / block mask; fwd+bwd counts 3x),
-t/best peer = ms over the fastest non-`jax_sparsek` row of the same preset and pass.
+t/best peer = ms over the fastest row of the same preset and pass that is not our kernels'
+(`jax_sparsek`, `jax_sparsek[deterministic]`; our float32 reference counts as a peer).
 rel_err = |x - ref| / |ref| (fwd: o; fwd+bwd: the worst gradient) against a float32
 reference of what the row computes (jax_sparsek's reference for SparseK's soft gates, dense
 masked attention otherwise), computed on a slice for large problems: the first batch

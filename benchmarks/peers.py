@@ -29,6 +29,7 @@ class Impl:
     fn: Callable  # jax: fn(*arrays named by `args`) -> o; torch: fn(q, k, v) -> o, [B, heads, T, D]
     args: tuple[str, ...] = QKV
     grad_args: Optional[tuple[str, ...]] = QKV  # None: forward only
+    backward_variant: bool = False  # fwd+bwd only: its forward is another impl's
     prepare: Optional[Callable[[dict], dict]] = None  # untimed input transform
     torch: bool = False
 
@@ -45,7 +46,8 @@ def build(spec: AttentionSpec, arrays: dict, passes: tuple[str, ...],
     """The implementations of `spec` (those `only` names, when given: see selected)."""
     on_gpu = jax.default_backend() == "gpu"
     builders = {  # what the names each builder makes start with
-        "jax_sparsek": _ours, "jax_sparsek[xla]": _ours_xla, "jax.nn[xla]": _jax_nn_xla,
+        "jax_sparsek": _ours, "jax_sparsek[deterministic]": _ours_deterministic,
+        "jax_sparsek[xla]": _ours_xla, "jax.nn[xla]": _jax_nn_xla,
         "jax.nn[cudnn": _jax_nn_cudnn, "pallas.attention_mgpu": _mgpu, "torch.sdpa": _torch_sdpa,
         "torch.flex": _torch_flex,
     }
@@ -68,8 +70,9 @@ def build(spec: AttentionSpec, arrays: dict, passes: tuple[str, ...],
 
 
 # ---------------------------------------------------------------------------------- jax
-def _op(spec: AttentionSpec, implementation: Optional[str], name: str) -> Impl:
-    """Our op with `implementation=` ("ffi": the kernels), or its pure-JAX reference (None)."""
+def _op(spec: AttentionSpec, implementation: Optional[str], name: str, **options) -> Impl:
+    """Our op with `implementation=` ("ffi": the kernels), or its pure-JAX reference (None);
+    `options` go to the op."""
     import jax_sparsek
 
     try:
@@ -79,7 +82,7 @@ def _op(spec: AttentionSpec, implementation: Optional[str], name: str) -> Impl:
         raise Unavailable(f"{name}: {spec.op} is not in this tree ({e})") from None
     extra = {"sparsek_attention": ("scores",), "block_sparse_attention": ("block_mask",)}
     args = QKV + extra.get(spec.op, ())
-    kw = dict(spec.op_kwargs(), scale=scale(spec))
+    kw = dict(spec.op_kwargs(), scale=scale(spec), **options)
     if implementation:
         kw["implementation"] = implementation
     grads = QKV + (("scores",) if spec.op == "sparsek_attention" else ())
@@ -109,6 +112,15 @@ def _fits_dense(spec: AttentionSpec, passes, name: str) -> None:
 
 def _ours(spec, arrays, passes, on_gpu):
     return [_probe(_op(spec, "ffi", "jax_sparsek"), arrays)]
+
+
+def _ours_deterministic(spec, arrays, passes, on_gpu):
+    """The backward with a bitwise reproducible dq (flash and block-sparse; the forward is the
+    same kernel, so only fwd+bwd is worth a row)."""
+    if spec.op not in ("flash_attention", "block_sparse_attention") or "fwd+bwd" not in passes:
+        raise Unavailable("jax_sparsek[deterministic]: fwd+bwd of flash / block-sparse only")
+    impl = _op(spec, "ffi", "jax_sparsek[deterministic]", deterministic=True)
+    return [_probe(dataclasses.replace(impl, backward_variant=True), arrays)]
 
 
 def _ours_xla(spec, arrays, passes, on_gpu):

@@ -236,7 +236,8 @@ def run(problem_specs: dict[str, AttentionSpec], passes: Iterable[str] = PASSES,
                 write(msg if msg.startswith("skip") else f"{name}: {msg}")
 
         impls = peers.build(spec, arrays, passes, log, only)
-        jobs = [(i, p) for i in impls for p in passes if p == "fwd" or i.grad_args is not None]
+        jobs = [(i, p) for i in impls for p in passes
+                if (p == "fwd" and not i.backward_variant) or (p != "fwd" and i.grad_args is not None)]
         bar, write = _progress(len(jobs), name, start)
         refs = _References(spec, arrays, do, ref_budget, log)
         new = []

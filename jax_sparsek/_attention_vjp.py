@@ -39,20 +39,23 @@ def _mask_dims(shape, sizes) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKernel:
-    """One attention kernel pair: FFI target names and the attributes both calls get.
+    """One attention kernel pair: FFI target names, the attributes both calls get and those
+    only the backward gets.
 
     Hashable, so that it can be a static (nondiff) argument of the custom_vjp."""
 
     fwd_target: str
     bwd_target: str
     attrs: tuple[tuple[str, Any], ...]
+    bwd_attrs: tuple[tuple[str, Any], ...]
     name: str  # the public op, for sharding warnings
     # With one query row (decoding), the forward runs the decode kernel over the keys from
     # this index on (jax_sparsek.decode); its (o, lse) are the flash forward's (lse in natural
     # log), so the backward is the unchanged flash backward kernel.
     decode_key_begin: int | None = None
 
-    def _call(self, target: str, operands: dict, result_types, results: tuple[str, ...]):
+    def _call(self, target: str, operands: dict, result_types, results: tuple[str, ...],
+              attrs: dict):
         """ffi_call of `target` on `operands` ({name: array}, in the target's order).
 
         `result_types(ops)` builds the result types from the operands the call actually gets:
@@ -62,7 +65,7 @@ class AttentionKernel:
         def body(*ops):
             ops = dict(zip(names, ops))
             fn = jax.ffi.ffi_call(target, result_types(ops), vmap_method="sequential")
-            return fn(*ops.values(), **dict(self.attrs))
+            return fn(*ops.values(), **attrs)
 
         def operand_dims(*ops):
             sizes = {"b": ops[0].shape[0], "n": ops[0].shape[2], "k": ops[1].shape[2]}
@@ -87,7 +90,7 @@ class AttentionKernel:
                     _ffi.result_like(ops["q"], (B, N, T), jnp.float32))
 
         operands = dict(q=q, k=k, v=v) if mask is None else dict(q=q, k=k, v=v, mask=mask)
-        return self._call(self.fwd_target, operands, result_types, ("o", "lse"))
+        return self._call(self.fwd_target, operands, result_types, ("o", "lse"), dict(self.attrs))
 
     def backward(self, q, k, v, mask, o, lse, do):
         """(dq, dk, dv) in the dtypes of q, k, v."""
@@ -100,7 +103,8 @@ class AttentionKernel:
         operands = dict(q=q, k=k, v=v) if mask is None else dict(q=q, k=k, v=v, mask=mask)
         operands.update(o=o, lse=lse, do=do)
         dq, dk, dv, _ = self._call(self.bwd_target, operands, result_types,
-                                   ("dq", "dk", "dv", "dq_accum"))
+                                   ("dq", "dk", "dv", "dq_accum"),
+                                   dict(self.attrs + self.bwd_attrs))
         return dq, dk, dv
 
 

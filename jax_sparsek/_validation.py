@@ -66,6 +66,12 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a Python bool (static), got {type(value).__name__}")
+    return bool(value)
+
+
 def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -112,7 +112,7 @@ ffi::Error FlashBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ff
                         ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
                         ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                         ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal,
-                        int64_t window_left, int64_t window_right) {
+                        int64_t window_left, int64_t window_right, bool /*deterministic: always*/) {
   AttentionShape d;
   DenseMask mask;
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));
@@ -136,7 +136,7 @@ ffi::Error BlockSparseBwdImpl(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer
                               ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
                               ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                               ffi::Result<ffi::AnyBuffer> dq_accum, float scale, bool causal,
-                              int64_t block_q, int64_t block_k) {
+                              int64_t block_q, int64_t block_k, bool /*deterministic: always*/) {
   AttentionShape d;
   BlockMask mask;
   JSK_RETURN_IF_ERROR(ReadAttentionShape(q, k, v, &d));

@@ -53,7 +53,9 @@ auto ForwardBinding(Binding&& bind) {
   }
 }
 
-// Backward: q, k, v [, block_mask], o, lse, do -> dq, dk, dv, dq_accum (float32 workspace).
+// Backward: q, k, v [, block_mask], o, lse, do -> dq, dk, dv, dq_accum (float32 workspace);
+// the mask attributes, then `deterministic` (dq bitwise reproducible: the CUDA kernel adds
+// the key tiles' dq shares in a fixed order; the CPU kernels always are).
 template <bool kBlockMask, typename Binding>
 auto BackwardBinding(Binding&& bind) {
   auto gradients = [](auto&& args) {
@@ -65,11 +67,14 @@ auto BackwardBinding(Binding&& bind) {
         .template Ret<ffi::AnyBuffer>()          // dv
         .template Ret<ffi::AnyBuffer>();         // dq_accum
   };
-  if constexpr (kBlockMask) {
-    return BlockMaskAttrs(gradients(QkvArgs(std::move(bind)).template Arg<ffi::AnyBuffer>()));  // block_mask
-  } else {
-    return DenseMaskAttrs(gradients(QkvArgs(std::move(bind))));
-  }
+  auto with_mask_attrs = [&] {
+    if constexpr (kBlockMask) {
+      return BlockMaskAttrs(gradients(QkvArgs(std::move(bind)).template Arg<ffi::AnyBuffer>()));  // block_mask
+    } else {
+      return DenseMaskAttrs(gradients(QkvArgs(std::move(bind))));
+    }
+  };
+  return with_mask_attrs().template Attr<bool>("deterministic");
 }
 
 }  // namespace jax_sparsek::flash

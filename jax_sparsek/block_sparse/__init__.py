@@ -6,16 +6,15 @@ from __future__ import annotations
 import jax
 
 from jax_sparsek import _ffi
-from jax_sparsek._validation import check_attention_inputs, check_scale
+from jax_sparsek._validation import check_attention_inputs, check_bool, check_scale
 from jax_sparsek.block_sparse import ffi, reference
 from jax_sparsek.block_sparse.reference import check_block_mask, check_block_size
-from jax_sparsek.flash_attention.reference import check_causal
 
 __all__ = ["block_sparse_attention"]
 
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size, causal: bool = False, scale=None,
-                           implementation=None) -> jax.Array:
+                           deterministic: bool = False, implementation=None) -> jax.Array:
     """softmax(scale * q k^T) v over the keys of the blocks that are on.
 
     Args:
@@ -26,6 +25,7 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size, causal: bool = Fa
       block_size: (bq, bk), positive ints; they need not divide T or S.
       causal: additionally, row i (at position p_i = i + S - T) sees only keys j <= p_i.
       scale: defaults to 1 / sqrt(D).
+      deterministic: the gradient of q bitwise reproducible (see flash_attention).
       implementation: None, "ffi" or "xla" (see flash_attention).
 
     Returns:
@@ -34,7 +34,8 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size, causal: bool = Fa
     dims = check_attention_inputs(q, k, v)
     block_size = check_block_size(block_size)
     check_block_mask(block_mask, dims, block_size)
-    causal = check_causal(causal)
+    causal = check_bool("causal", causal)
+    deterministic = check_bool("deterministic", deterministic)
     scale = check_scale(scale, dims.D)
     impl = _ffi.resolve_implementation(implementation, [ffi.FWD_TARGET, ffi.BWD_TARGET],
                                       _ffi.cuda_unsupported(q.dtype, dims.D, dims.Dv))
@@ -42,4 +43,4 @@ def block_sparse_attention(q, k, v, block_mask, *, block_size, causal: bool = Fa
         return reference.block_sparse_attention(q, k, v, block_mask, block_size=block_size,
                                                 causal=causal, scale=scale)
     return ffi.block_sparse_attention(q, k, v, block_mask, block_size=block_size, causal=causal,
-                                      scale=scale)
+                                      scale=scale, deterministic=deterministic)

@@ -11,11 +11,12 @@ BWD_TARGET = "jax_sparsek_block_sparse_bwd"
 
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size: tuple[int, int], causal: bool,
-                           scale: float):
+                           scale: float, deterministic: bool):
     """Arguments already validated."""
     kernel = AttentionKernel(
         FWD_TARGET, BWD_TARGET,
         attrs=(("scale", np.float32(scale)), ("causal", bool(causal)),
                ("block_q", np.int64(block_size[0])), ("block_k", np.int64(block_size[1]))),
+        bwd_attrs=(("deterministic", deterministic),),
         name="block_sparse_attention")
     return attention(kernel, q, k, v, block_mask)

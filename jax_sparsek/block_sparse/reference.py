@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sparsek._validation import AttentionDims, check_attention_inputs, check_scale
-from jax_sparsek.flash_attention.reference import check_causal, masked_attention, visible_keys
+from jax_sparsek._validation import AttentionDims, check_attention_inputs, check_bool, check_scale
+from jax_sparsek.flash_attention.reference import masked_attention, visible_keys
 
 
 def check_block_size(block_size) -> tuple[int, int]:
@@ -57,11 +57,12 @@ def expand_block_mask(block_mask, dims: AttentionDims, block_size: tuple[int, in
 
 def block_sparse_attention(q, k, v, block_mask, *, block_size, causal: bool = False,
                            scale=None) -> jax.Array:
-    """Reference of jax_sparsek.block_sparse_attention (same arguments, no `implementation`)."""
+    """Reference of jax_sparsek.block_sparse_attention (same arguments, no `implementation` and
+    no `deterministic`: it always is)."""
     dims = check_attention_inputs(q, k, v)
     block_size = check_block_size(block_size)
     check_block_mask(block_mask, dims, block_size)
-    causal = check_causal(causal)
+    causal = check_bool("causal", causal)
     scale = check_scale(scale, dims.D)
     visible = expand_block_mask(block_mask, dims, block_size)
     visible &= visible_keys(dims.T, dims.S, causal=causal)[None, None]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import jax
 
 from jax_sparsek import _ffi, decode
-from jax_sparsek._validation import check_attention_inputs, check_scale
+from jax_sparsek._validation import check_attention_inputs, check_bool, check_scale
 from jax_sparsek.flash_attention import ffi, reference
-from jax_sparsek.flash_attention.reference import check_causal, check_window
+from jax_sparsek.flash_attention.reference import check_window
 
 __all__ = ["flash_attention"]
 
 
 def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
-                    implementation=None) -> jax.Array:
+                    deterministic: bool = False, implementation=None) -> jax.Array:
     """softmax(scale * q k^T) v over the keys each query may see.
 
     Args:
@@ -23,6 +23,10 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
       window: None, or (left, right) with ints >= 0 or None (unbounded): row i sees keys
         p_i - left <= j <= p_i + right.
       scale: defaults to 1 / sqrt(D).
+      deterministic: the gradient of q bitwise reproducible from run to run. The CUDA
+        backward then adds the key tiles' dq shares one key tile after the other in a fixed
+        order (the backward takes 1.3-2.5x as long, most with random block masks); the CPU
+        kernels and the reference always are.
       implementation: None (the FFI kernels when this build has them for the default
         backend, else the reference), "ffi" or "xla" (the pure-JAX reference).
 
@@ -30,7 +34,8 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
       [B, T, N, Dv] in q's dtype; zeros for a row that sees no key.
     """
     dims = check_attention_inputs(q, k, v)
-    causal = check_causal(causal)
+    causal = check_bool("causal", causal)
+    deterministic = check_bool("deterministic", deterministic)
     left, right = check_window(window)
     scale = check_scale(scale, dims.D)
     targets = [ffi.FWD_TARGET, ffi.BWD_TARGET] + ([decode.TARGET] if dims.T == 1 else [])
@@ -38,4 +43,5 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
                                       _ffi.cuda_unsupported(q.dtype, dims.D, dims.Dv))
     if impl == "xla":
         return reference.flash_attention(q, k, v, causal=causal, window=window, scale=scale)
-    return ffi.flash_attention(q, k, v, causal=causal, window=(left, right), scale=scale)
+    return ffi.flash_attention(q, k, v, causal=causal, window=(left, right), scale=scale,
+                               deterministic=deterministic)

@@ -10,7 +10,8 @@ FWD_TARGET = "jax_sparsek_flash_fwd"
 BWD_TARGET = "jax_sparsek_flash_bwd"
 
 
-def flash_attention(q, k, v, *, causal: bool, window: tuple[int, int], scale: float):
+def flash_attention(q, k, v, *, causal: bool, window: tuple[int, int], scale: float,
+                    deterministic: bool):
     """Arguments already validated; `window` = (left, right) with -1 for an unbounded side."""
     decode_key_begin = None
     if q.shape[1] == 1 and v.shape[3] == q.shape[3]:  # decoding: the query sits at S - 1,
@@ -20,5 +21,6 @@ def flash_attention(q, k, v, *, causal: bool, window: tuple[int, int], scale: fl
         FWD_TARGET, BWD_TARGET,
         attrs=(("scale", np.float32(scale)), ("causal", bool(causal)),
                ("window_left", np.int64(window[0])), ("window_right", np.int64(window[1]))),
+        bwd_attrs=(("deterministic", deterministic),),
         name="flash_attention", decode_key_begin=decode_key_begin)
     return attention(kernel, q, k, v, None)

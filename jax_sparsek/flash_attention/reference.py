@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sparsek._validation import check_attention_inputs, check_scale
+from jax_sparsek._validation import check_attention_inputs, check_bool, check_scale
 
 
 def check_window(window) -> tuple[int, int]:
@@ -30,12 +30,6 @@ def check_window(window) -> tuple[int, int]:
             raise ValueError(f"window {side} bound must be >= 0 (None for unbounded), got {w}")
         bounds.append(int(w))
     return bounds[0], bounds[1]
-
-
-def check_causal(causal) -> bool:
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a Python bool (static), got {type(causal).__name__}")
-    return bool(causal)
 
 
 def visible_keys(T: int, S: int, *, causal: bool, left: int = -1, right: int = -1) -> jax.Array:
@@ -73,9 +67,10 @@ def masked_attention(q, k, v, visible, scale: float) -> jax.Array:
 
 
 def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None) -> jax.Array:
-    """Reference of jax_sparsek.flash_attention (same arguments, no `implementation`)."""
+    """Reference of jax_sparsek.flash_attention (same arguments, no `implementation` and no
+    `deterministic`: it always is)."""
     dims = check_attention_inputs(q, k, v)
-    causal = check_causal(causal)
+    causal = check_bool("causal", causal)
     left, right = check_window(window)
     scale = check_scale(scale, dims.D)
     visible = visible_keys(dims.T, dims.S, causal=causal, left=left, right=right)

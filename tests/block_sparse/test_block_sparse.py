@@ -239,6 +239,7 @@ def test_bad_block_mask_raises(mask, exc, match):
     (dict(block_size=(8, -1)), ValueError, "block_size"),
     (dict(block_size=(8.0, 16)), TypeError, "block_size"),
     (dict(block_size=(8, 16), causal=None), TypeError, "causal"),
+    (dict(block_size=(8, 16), deterministic="yes"), TypeError, "deterministic"),
     (dict(block_size=(8, 16), scale=jnp.float32(0.1)), TypeError, "scale"),
 ])
 def test_bad_options_raise(kw, exc, match):

@@ -134,6 +134,19 @@ def test_gradient_lowers_to_backward_kernel():
     assert_custom_call(jax.grad(loss, argnums=(0, 1, 2)), q, k, v, target=BWD_TARGET)
 
 
+def test_deterministic_reaches_the_backward_kernel():
+    q, k, v, _ = make_inputs(AttentionSpec(B=1, T=16, N=2, D=16), 0)
+    grads = {}
+    for flag in (False, True):
+        loss = lambda q, k, v: flash_attention(q, k, v, causal=True, deterministic=flag).sum()
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        text = fn.lower(q, k, v).as_text()
+        assert f"deterministic = {str(flag).lower()}" in text
+        grads[flag] = fn(q, k, v)
+    for a, b in zip(grads[False], grads[True]):  # the CPU kernels are deterministic either way
+        np.testing.assert_array_equal(a, b)
+
+
 # ---- composition -------------------------------------------------------------------
 
 def _stack_inputs(spec, seeds):
@@ -227,6 +240,7 @@ def test_bad_arrays_raise(mutate, exc, name):
     (dict(window=(1.5, None)), TypeError, "window"),
     (dict(window=(True, None)), TypeError, "window"),
     (dict(causal=jnp.array(True)), TypeError, "causal"),
+    (dict(deterministic=1), TypeError, "deterministic"),
     (dict(scale="big"), TypeError, "scale"),
     (dict(scale=float("nan")), ValueError, "scale"),
     (dict(implementation="cuda"), ValueError, "implementation"),

@@ -27,7 +27,17 @@ CONFIGS = {
     "noncausal": (2, 160, 200, 4, 2, 64, 30, 12, False),
     "decode": (2, 1, 1500, 8, 2, 128, 64, 32, True),
     "decode-few": (1, 5, 2048, 4, 4, 64, 100, 64, True),
+    # The selection's prefix-sum path (queries at most 64 candidates apart) on a long row, at
+    # its edge (65 causal queries), and just past it (66: the wavelet matrix).
+    "decode-long": (1, 1, 40000, 4, 2, 64, 300, 64, True),
+    "prefix-edge": (1, 65, 3000, 2, 1, 64, 200, 32, True),
+    "wavelet-edge": (1, 66, 3000, 2, 1, 64, 200, 32, True),
 }
+# Selection only: 4096, 2048 and 1024 tile lists (B * K * tiles), which the list kernel builds
+# with 1, 2 and 4 warps each (the configs above, with fewer lists: 8).
+LIST_CONFIGS = {"lists-4096": (2, 4096, 4096, 32, 32, 64, 64, 64, True),
+                "lists-2048": (2, 4096, 4096, 16, 16, 64, 64, 64, True),
+                "lists-1024": (2, 2048, 2048, 16, 16, 64, 64, 64, True)}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -47,22 +57,30 @@ def test_selection_matches_cpu(name, tied):
     np.testing.assert_allclose(tau[finite], tau_cpu[finite], rtol=1e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", ["causal", "t-lt-s", "noncausal", "decode-few"])
+@pytest.mark.parametrize("name", ["causal", "t-lt-s", "noncausal", "decode-few", "decode-long",
+                                  *LIST_CONFIGS])
 @pytest.mark.parametrize("tied", [False, True])
-def test_key_ranks_follow_the_score_order(name, tied):
+def test_key_ranks_and_tile_lists(name, tied):
     """key_rank (read by the forward's selection test) ranks each row's keys by ascending
-    (score, index), -0 and +0 equal; tile lists hold ascending, in-range, distinct keys."""
-    config = CONFIGS[name]
+    (score, index), -0 and +0 equal; each tile list holds, ascending, the keys before the tile's
+    last query's candidate end that rank at or above its first query's kth (all of them when
+    that kth is -1)."""
+    config = LIST_CONFIGS.get(name) or CONFIGS[name]
     T, opts = config[1], sparsek_options(config)
     scores = np.array(sparsek_inputs(config, dtype=jnp.bfloat16, seed=5, tied_scores=tied)[3])
     if tied:
         scores[:, ::7] = -0.0  # signed zeros among the ties
         scores[:, 3::7] = 0.0
     B, S, K = scores.shape
-    _, _, tile_keys, tile_count, key_rank = jax.jit(
+    _, kth, tile_keys, tile_count, key_rank = jax.jit(
         lambda s: sparsek_ffi._select_call_cuda(s, T, opts["k_select"], opts["window"],
                                                 opts["causal"]))(jnp.asarray(scores))
-    key_rank, tile_keys, tile_count = map(np.asarray, (key_rank, tile_keys, tile_count))
+    kth, key_rank, tile_keys, tile_count = map(np.asarray, (kth, key_rank, tile_keys, tile_count))
+    window, causal = opts["window"], opts["causal"]
+
+    def num_candidates(i):  # NumCandidates of select_algo.cuh
+        return S if not causal else int(np.clip(i + S - T - window + 1, 0, S))
+
     for b in range(B):
         for h in range(K):
             order = np.lexsort((np.arange(S), scores[b, :, h]))  # ascending score, then index
@@ -70,8 +88,14 @@ def test_key_ranks_follow_the_score_order(name, tied):
             expected[order] = np.arange(S)
             np.testing.assert_array_equal(key_rank[b, h], expected)
             for t in range(tile_keys.shape[2]):
+                tile = sparsek_ffi.TILE_QUERIES
+                first, last = tile * t, min(tile * t + tile, T) - 1
+                first_kth = kth[b, h, first]
+                keys = np.arange(num_candidates(last))
+                if first_kth >= 0:
+                    keys = keys[expected[keys] >= expected[first_kth]]
                 listed = tile_keys[b, h, t, :tile_count[b, h, t]]
-                assert np.all(np.diff(listed) > 0) and np.all((listed >= 0) & (listed < S))
+                np.testing.assert_array_equal(listed, keys, err_msg=f"list {b} {h} {t}")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -37,6 +37,9 @@ struct BwdArgs {
   MaskSpec mask;
   bool bf16;
   float scale;
+  // dq bitwise reproducible: the key tiles' dq shares are added one key tile after the other in
+  // a fixed order (bwd_mma.cu); not with the accumulation mode below.
+  bool deterministic = false;
   const void *q, *k, *v, *o, *do_;
   const float* lse;
   void *dq, *dk, *dv;

@@ -1,12 +1,21 @@
 // Backward pass (FlashAttention-2 style, mma.sync m16n8k16), three kernels on one stream:
 //   1. bwd_delta_kernel: delta_i = sum_d dO_id O_id per query row (fp32), written into the dq
-//      output buffer, which is free until step 3 (it is at least 4 bytes per row larger);
+//      output buffer, which is free until step 3 (2 D >= 128 bytes per row: room for delta and
+//      the deterministic mode's counters);
 //   2. bwd_kernel: one CTA per (128-key tile, kv head, batch), 8 warps of 16 keys each. K and
 //      V stay in shared memory; for every query head of the kv head's group and every query
 //      tile (64 rows) that sees the key tile, Q and dO stream through a two-stage TMA
 //      pipeline, and the CTA accumulates dK and dV in registers (no atomics, deterministic)
 //      and adds its dQ share to the fp32 workspace with atomics;
 //   3. scale_to_16bit_kernel: dq = scale * dq_accum in the input dtype.
+// Deterministic mode (BwdArgs::deterministic): step 2 adds the dQ shares of a query tile in a
+// fixed order, the highest key tile first (still by atomics, which need no load round trip,
+// but one CTA after the other, so every element sums in the same order). A counter per (batch,
+// query head, query tile), next to delta in the dq buffer, says how many key tiles have added
+// theirs; a CTA waits for its turn. The key tiles launch highest first (blockIdx.x counts
+// down), so a CTA only waits for CTAs launched before it and the wait always ends. With causal
+// masks the highest key tiles see the fewest query tiles and finish first: the turns rarely
+// make a CTA wait.
 // Accumulation mode (BwdArgs::dk_accum / dv_accum set, used by SparseK's window part): step 2
 // stores fp32 dk and dv into those buffers instead, and step 3 is skipped.
 #include <algorithm>
@@ -28,6 +37,7 @@ struct BwdKernelParams {
   const float* lse;    // [B, N, T]
   const float* delta;  // [B, N, T]
   float* dq_accum;     // [B, T, N, D]
+  int* dq_turns;       // [B, N, query tiles] counters in deterministic mode, else null
   void *dk, *dv;       // [B, S, K, D]
   float *dk_accum, *dv_accum;  // [B, S, K, D] fp32 in accumulation mode, else null
 };
@@ -41,7 +51,8 @@ struct Smem {
   static constexpr uint32_t kLse = kDS + kBN * kBM * 2;    // [2][kBM] fp32, log2 domain
   static constexpr uint32_t kDelta = kLse + 2 * kBM * 4;   // [2][kBM] fp32
   static constexpr uint32_t kBars = kDelta + 2 * kBM * 4;  // kv, qdo[2]
-  static constexpr int kBytes = 1024 + kBars + 3 * 8;
+  static constexpr uint32_t kNextTurn = kBars + 3 * 8;    // Step (deterministic dQ)
+  static constexpr int kBytes = 1024 + kNextTurn + 8;
 };
 
 // One step of the CTA's loop: query head (index within the group) and query tile.
@@ -60,7 +71,56 @@ __device__ __forceinline__ Step next_step(const BwdKernelParams& p, int b, int k
   return {p.group, 0};
 }
 
-template <bool kBf16, int D>
+// Deterministic dQ, run by thread 0 of a CTA. Every (head, query tile) of the key tile's range
+// takes its turn, in the CTA's step order, also those the block mask turns off (they add
+// nothing); `next` (shared memory, which spares the main loop's registers) is the next
+// position to take. Key tile x's turn at query tile m comes after the key tiles above x that
+// see m: masking_test.cc checks that query_tiles and key_tiles agree on who sees m.
+struct DqTurns {
+  const BwdKernelParams* p;
+  int b, kvh, key_tile;
+  TileRange qt;
+  Step* next;
+
+  __device__ __forceinline__ int* counter(Step st) const {
+    const int num_query_tiles = (p->mask.T + kBM - 1) / kBM;
+    return p->dq_turns + (int64_t(b) * p->N + kvh * p->group + st.hh) * num_query_tiles + st.m;
+  }
+  // Waits until query tile st.m's counter reaches this key tile's turn; ld.acquire orders the
+  // CTA's adds (after a CTA barrier) after the previous key tiles' adds.
+  __device__ __forceinline__ void wait(Step st) const {
+    const int turn = key_tiles(p->mask, st.m * kBM, kBM, kBN).end - 1 - key_tile;
+    const int* c = counter(st);
+    for (;;) {
+      int done;
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(done) : "l"(c) : "memory");
+      if (done >= turn) return;
+      __nanosleep(100);
+    }
+  }
+  // Hands st's turn on (after a CTA barrier that follows the adds) and moves past st.
+  // Waiting relies on CTAs starting in block order (the hardware's; not a CUDA guarantee).
+  __device__ __forceinline__ void pass(Step st) const {
+    __threadfence();
+    atomicAdd(counter(st), 1);
+    *next = st.m + 1 == qt.end ? Step{st.hh + 1, qt.first} : Step{st.hh, st.m + 1};
+  }
+  // Takes and passes every turn before `until`: the steps the block mask skipped.
+  __device__ __forceinline__ void pass_before(Step until) const {
+    for (Step st = *next; st.hh < until.hh || (st.hh == until.hh && st.m < until.m); st = *next) {
+      wait(st);
+      pass(st);
+    }
+  }
+  // The turn of step st: the skipped steps' turns first, then wait for st's.
+  __device__ __forceinline__ void take_turn(Step st) const {
+    pass_before(st);
+    wait(st);
+  }
+};
+
+// kDeterministic is a template parameter: its turns cost the default kernel no registers.
+template <bool kBf16, int D, bool kDeterministic>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
@@ -74,15 +134,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* lse_s = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kLse);
   float* delta_s = reinterpret_cast<float*>(smem_raw + (base - smem_u32(smem_raw)) + L::kDelta);
   const uint32_t bar_kv = base + L::kBars, bar_qdo = bar_kv + 8;  // bar_qdo[2]
+  Step* dq_next_turn = reinterpret_cast<Step*>(smem_raw + (base - smem_u32(smem_raw)) + L::kNextTurn);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
   const int kvh = blockIdx.y, b = blockIdx.z;
-  const int c0 = blockIdx.x * kBN;
+  const int key_tile = kDeterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int c0 = key_tile * kBN;
   const int T = p.mask.T, S = p.mask.S;
   const TileRange qt = query_tiles(p.mask, c0, kBN, kBM);
 
   if (tid == 0) {
+    if constexpr (kDeterministic) *dq_next_turn = {0, qt.first};
     mbar_init(bar_kv, 1);
     mbar_init(bar_qdo, 1);
     mbar_init(bar_qdo + 8, 1);
@@ -135,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (cur.hh < p.group) mbar_wait(bar_kv, 0);
   const int key_a = c0 + warp * 16 + g;  // this thread's keys: key_a, key_a + 8
   const Interval key_queries[2] = {key_rows(p.mask, key_a), key_rows(p.mask, key_a + 8)};
+  const DqTurns turns{&p, b, kvh, key_tile, qt, dq_next_turn};
 
   for (int it = 0; cur.hh < p.group; ++it) {
     const int stage = it & 1;
@@ -268,22 +332,33 @@ __global__ void __launch_bounds__(kThreads, 1)
           mma_16816<kBf16>(dq[2 * np + 1], a, kb[2], kb[3]);
         }
       }
+      if constexpr (kDeterministic) {
+        if (tid == 0) turns.take_turn(cur);
+        __syncthreads();  // every thread adds after the previous key tiles
+      }
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
         const int i = q0 + q_row0 + g + 8 * ri;
         if (i >= T) continue;
-        float* row = p.dq_accum + ((int64_t(b) * T + i) * p.N + h) * D + d0 + 2 * t4;
+        float2* row = reinterpret_cast<float2*>(
+            p.dq_accum + ((int64_t(b) * T + i) * p.N + h) * D + d0 + 2 * t4);
 #pragma unroll
         for (int nb = 0; nb < D / 16; ++nb) {
-          atomicAdd(reinterpret_cast<float2*>(row + nb * 8),
-                    make_float2(dq[nb][2 * ri], dq[nb][2 * ri + 1]));
+          atomicAdd(row + nb * 4, make_float2(dq[nb][2 * ri], dq[nb][2 * ri + 1]));
         }
       }
     }
     if (tid < 2 * kBM) store_stat(stage, tid, stat_prefetch);
-    __syncthreads();  // (B) dS^T reads done; next stage's statistics visible
+    __syncthreads();  // (B) dS^T reads done; next stage's statistics visible; dQ added
+    if constexpr (kDeterministic) {
+      if (tid == 0) turns.pass(cur);
+    }
     cur = nxt;
     nxt = after;
+  }
+
+  if constexpr (kDeterministic) {
+    if (tid == 0 && qt.first < qt.end) turns.pass_before({p.group, qt.first});
   }
 
   // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO, keys < S (every key row is written,
@@ -362,8 +437,15 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
   const int64_t rows = int64_t(d.B) * d.T * d.N;
   cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  // delta lives in the dq buffer until the dq conversion overwrites it.
+  // delta, then the deterministic mode's counters, live in the dq buffer (2 D >= 128 bytes per
+  // row) until the dq conversion overwrites it.
   float* delta = static_cast<float*>(a.dq);
+  int* dq_turns = nullptr;
+  if (a.deterministic && !a.dk_accum) {
+    dq_turns = reinterpret_cast<int*>(delta + rows);
+    const int64_t counters = int64_t(d.B) * d.N * ((d.T + kBM - 1) / kBM);
+    if ((err = cudaMemsetAsync(dq_turns, 0, counters * sizeof(int), stream)) != cudaSuccess) return err;
+  }
   bwd_delta_kernel<kBf16, D><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const uint16_t*>(a.o), static_cast<const uint16_t*>(a.do_), delta, rows, d.T, d.N);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -376,8 +458,8 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
     return cudaErrorInvalidValue;
   }
   BwdKernelParams p{a.mask, d.N, d.K, d.group(), a.scale, a.scale * kLog2e,
-                    a.lse, delta, a.dq_accum, a.dk, a.dv, a.dk_accum, a.dv_accum};
-  auto kernel = bwd_kernel<kBf16, D>;
+                    a.lse, delta, a.dq_accum, dq_turns, a.dk, a.dv, a.dk_accum, a.dv_accum};
+  auto kernel = dq_turns ? bwd_kernel<kBf16, D, true> : bwd_kernel<kBf16, D, false>;
   constexpr int smem = Smem<D>::kBytes;
   if ((err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem)) != cudaSuccess) return err;
   const dim3 grid((d.S + kBN - 1) / kBN, d.K, d.B);

@@ -52,18 +52,20 @@ def ffi_fwd(q, k, v, *, scale, causal, window=(-1, -1), block_mask=None, block=N
         block_q=np.int64(block[0]), block_k=np.int64(block[1]))
 
 
-def ffi_bwd(q, k, v, o, lse, do, *, scale, causal, window=(-1, -1), block_mask=None, block=None):
+def ffi_bwd(q, k, v, o, lse, do, *, scale, causal, window=(-1, -1), block_mask=None, block=None,
+            deterministic=False):
     jax, jnp = _jax()
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
            jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape, jnp.float32))
     if block_mask is None:
         res = jax.ffi.ffi_call("jax_sparsek_flash_bwd", out)(
             q, k, v, o, lse, do, scale=np.float32(scale), causal=np.bool_(causal),
-            window_left=np.int64(window[0]), window_right=np.int64(window[1]))
+            window_left=np.int64(window[0]), window_right=np.int64(window[1]),
+            deterministic=deterministic)
     else:
         res = jax.ffi.ffi_call("jax_sparsek_block_sparse_bwd", out)(
             q, k, v, block_mask, o, lse, do, scale=np.float32(scale), causal=np.bool_(causal),
-            block_q=np.int64(block[0]), block_k=np.int64(block[1]))
+            block_q=np.int64(block[0]), block_k=np.int64(block[1]), deterministic=deterministic)
     return res[:3]
 
 
@@ -212,10 +214,11 @@ def check_forward(kernel, dtype, D, ci, seed):
     return ok, f"o {err:.2e} lse {lse_err:.1e} empty-rows {int(empty.sum())} {'ok' if ok_inf and zero_rows else 'BAD'}"
 
 
-def check_backward(dtype, D, ci, seed):
+def check_backward(dtype, D, ci, seed, deterministic=False):
     jax, jnp = _jax()
     c = case_data(dtype, D, ci, seed)
     (q, k, v, do), args = c["inputs"], c["args"]
+    args = dict(args, deterministic=deterministic)
     o_ref, lse_ref = c["fwd"]
     poison((q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (q.shape, jnp.float32))
     fn = jax.jit(lambda q, k, v, o, lse, do: ffi_bwd(q, k, v, o, lse, do, **args))
@@ -245,16 +248,16 @@ def stage_check():
     # The default kernel (wgmma) and the backward see every case; the two alternative forward
     # kernels one dtype each.
     dtypes = {"wgmma": ("bfloat16", "float16"), "bwd": ("bfloat16", "float16"),
-              "wgmma_nopingpong": ("float16",), "mma": ("bfloat16",)}
-    for stage in ("wgmma", "wgmma_nopingpong", "mma", "bwd"):
+              "wgmma_nopingpong": ("float16",), "mma": ("bfloat16",), "bwd_deterministic": ("float16",)}
+    for stage in ("wgmma", "wgmma_nopingpong", "mma", "bwd", "bwd_deterministic"):
         n_ok = n_all = 0
         for dtype in dtypes[stage]:
             for D in (64, 128):
                 for ci, case in enumerate(CASES):
                     seed += 1
                     try:
-                        if stage == "bwd":
-                            ok, msg = check_backward(dtype, D, ci, seed)
+                        if stage.startswith("bwd"):
+                            ok, msg = check_backward(dtype, D, ci, seed, stage == "bwd_deterministic")
                         else:
                             ok, msg = check_forward(stage, dtype, D, ci, seed)
                     except Exception as e:  # noqa: BLE001
@@ -276,8 +279,9 @@ def stage_sanitize_body():
             (q, k, v, do), args = make_case(CASES[ci], "float16", 128, 1)
             o, lse = jax.block_until_ready(jax.jit(lambda q, k, v: ffi_fwd(q, k, v, **args))(q, k, v))
             if kernel == "mma":
-                jax.block_until_ready(
-                    jax.jit(lambda *a: ffi_bwd(*a, **args))(q, k, v, o, lse, do))
+                for deterministic in (False, True):
+                    jax.block_until_ready(jax.jit(
+                        lambda *a: ffi_bwd(*a, **args, deterministic=deterministic))(q, k, v, o, lse, do))
     print("sanitize body done", flush=True)
 
 
@@ -364,8 +368,11 @@ def stage_time(kernels):
         if with_bwd:
             o, lse = fwd(q, k, v)
             bwd = jax.jit(lambda *a: ffi_bwd(*a, **args))
+            bwd_det = jax.jit(lambda *a: ffi_bwd(*a, **args, deterministic=True))
             try:
                 add(name, "jax-sparsek bwd (mma.sync)", bench(bwd, q, k, v, o, lse, do), 2.5 * flops, H)
+                add(name, "jax-sparsek bwd deterministic", bench(bwd_det, q, k, v, o, lse, do),
+                    2.5 * flops, H)
             except Exception as e:  # noqa: BLE001
                 print("   bwd failed:", str(e)[:200], flush=True)
             del o, lse

@@ -5,6 +5,7 @@
 //   jax_sparsek_flash_bwd(q, k, v, o, lse, do) -> (dq, dk, dv, dq_accum)
 //   jax_sparsek_block_sparse_fwd(q, k, v, block_mask) -> (o, lse)   attrs scale, causal, block_q, block_k
 //   jax_sparsek_block_sparse_bwd(q, k, v, block_mask, o, lse, do) -> (dq, dk, dv, dq_accum)
+// The backward targets take the forward's attributes and `deterministic` (bwd_mma.cu).
 // dq_accum is an fp32 [B, T, N, D] workspace (allocated by XLA, so the handlers stay CUDA-graph
 // compatible); the kernels zero it themselves.
 #include <cstdlib>
@@ -141,8 +142,9 @@ ffi::Error Forward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::AnyB
 ffi::Error Backward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                     const ffi::AnyBuffer& v, const ffi::AnyBuffer& o, const ffi::AnyBuffer& lse,
                     const ffi::AnyBuffer& dout, const MaskSpec& mask, const AttentionShape& shape,
-                    const AttentionDims& d, bool bf16, float scale, ffi::AnyBuffer dq,
-                    ffi::AnyBuffer dk, ffi::AnyBuffer dv, ffi::AnyBuffer dq_accum) {
+                    const AttentionDims& d, bool bf16, float scale, bool deterministic,
+                    ffi::AnyBuffer dq, ffi::AnyBuffer dk, ffi::AnyBuffer dv,
+                    ffi::AnyBuffer dq_accum) {
   const ffi::DataType dt = q.element_type();
   JSK_RETURN_IF_ERROR(CheckScale(scale));
   JSK_RETURN_IF_ERROR(CheckAttentionOutputs(shape, dt, o, lse));
@@ -154,6 +156,7 @@ ffi::Error Backward(cudaStream_t stream, const ffi::AnyBuffer& q, const ffi::Any
   a.mask = mask;
   a.bf16 = bf16;
   a.scale = scale;
+  a.deterministic = deterministic;
   a.q = q.untyped_data();
   a.k = k.untyped_data();
   a.v = v.untyped_data();
@@ -185,15 +188,16 @@ ffi::Error FlashBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::AnyBuffer o, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                         ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum,
-                        float scale, bool causal, int64_t window_left, int64_t window_right) {
+                        float scale, bool causal, int64_t window_left, int64_t window_right,
+                        bool deterministic) {
   AttentionShape shape;
   AttentionDims d;
   bool bf16;
   MaskSpec mask;
   JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &shape, &d, &bf16));
   JSK_RETURN_IF_ERROR(WindowMask(d, causal, window_left, window_right, &mask));
-  return Backward(stream, q, k, v, o, lse, dout, mask, shape, d, bf16, scale, *dq, *dk, *dv,
-                  *dq_accum);
+  return Backward(stream, q, k, v, o, lse, dout, mask, shape, d, bf16, scale, deterministic, *dq,
+                  *dk, *dv, *dq_accum);
 }
 
 ffi::Error BlockSparseFwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -216,7 +220,8 @@ ffi::Error BlockSparseBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
                               ffi::AnyBuffer lse, ffi::AnyBuffer dout,
                               ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                               ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> dq_accum,
-                              float scale, bool causal, int64_t block_q, int64_t block_k) {
+                              float scale, bool causal, int64_t block_q, int64_t block_k,
+                              bool deterministic) {
   AttentionShape shape;
   AttentionDims d;
   bool bf16;
@@ -224,8 +229,8 @@ ffi::Error BlockSparseBwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuf
   JSK_RETURN_IF_ERROR(CheckInputs(q, k, v, &shape, &d, &bf16));
   JSK_RETURN_IF_ERROR(WindowMask(d, causal, -1, -1, &mask));
   JSK_RETURN_IF_ERROR(BlockMask(d, block_mask, block_q, block_k, &mask));
-  return Backward(stream, q, k, v, o, lse, dout, mask, shape, d, bf16, scale, *dq, *dk, *dv,
-                  *dq_accum);
+  return Backward(stream, q, k, v, o, lse, dout, mask, shape, d, bf16, scale, deterministic, *dq,
+                  *dk, *dv, *dq_accum);
 }
 
 // The stream comes first; operands, results and attributes as on the CPU (ffi_bindings.h).

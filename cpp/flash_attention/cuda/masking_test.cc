@@ -2,7 +2,10 @@
 // shapes, causal / window / block masks and tile sizes; asserts that
 //   - tile ranges (key_tiles, query_tiles) and tile_status never skip a visible element,
 //     and kTileFull is only reported for tiles whose elements are all visible;
-//   - the per-row / per-key intervals (row_keys, key_rows) plus block_on equal visible().
+//   - the per-row / per-key intervals (row_keys, key_rows) plus block_on equal visible();
+//   - query tile t is in query_tiles(key tile n) exactly when n is in key_tiles(t): the
+//     backward's deterministic dQ counts a query tile's turns from key_tiles and takes them
+//     from query_tiles, so any mismatch would hang it.
 // Plain C++ (not part of the extension):
 //   g++ -std=c++17 -O2 -Icpp cpp/flash_attention/cuda/masking_test.cc -o /tmp/masking_test && /tmp/masking_test
 #include <cstdio>
@@ -82,6 +85,11 @@ int main() {
           ++checked;
           if (any && (t < queries.first || t >= queries.end || tile_status(m, mask, t * bm, bm, c0, bn) == kTileOff)) {
             fail("query tile skipped", m, c0, t);
+          }
+          const TileRange keys = key_tiles(m, t * bm, bm, bn);
+          const int n = c0 / bn;
+          if ((t >= queries.first && t < queries.end) != (n >= keys.first && n < keys.end)) {
+            fail("query_tiles and key_tiles disagree", m, c0, t);
           }
         }
       }

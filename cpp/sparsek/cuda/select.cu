@@ -5,11 +5,16 @@
 // (select_algo.cuh), in four steps on each chunk of rows:
 //   1. sort: each row's scores ascending, ties by key index (CUB's segmented radix sort of
 //      order-preserving keys; radix sort is stable and the keys go in in index order);
-//   2. build: one CTA per row builds the wavelet matrix over the ranks, level by level;
-//   3. queries: one thread per (row, query): kth by a wavelet descent, tau by safeguarded
-//      Newton on f's pieces; neighbouring queries take nearly the same path;
-//   4. tile lists: one warp per (row, tile of kTileQueries queries) compacts the listed keys in
-//      ascending order with ballots (deterministic, no atomics).
+//   2. build: one CTA per row builds the wavelet matrix over the ranks, level by level; or,
+//      when the queries of a row have nearly the same candidates (at most kMaxPrefixExtras
+//      apart: up to 65 causal queries, e.g. decoding, or any non-causal ones), one scan of the
+//      sorted order gives the count and score sum below each rank (PrefixRow), far cheaper to
+//      build than the levels for a few queries over a long row;
+//   3. queries: one thread per (row, query): kth by a wavelet descent (or bisection on the
+//      prefix counts), tau by safeguarded Newton on f's pieces;
+//   4. tile lists: warps per (row, tile of kTileQueries queries) compact the listed keys in
+//      ascending order with ballots (deterministic, no atomics); one warp per list when there
+//      are many lists, up to 8 splitting a long row when there are few.
 // Chunks bound the workspace (kChunkBudgetBytes) whatever the batch and head count. When
 // S <= k_select no query has more than k candidates: steps 1-2 are skipped and the workspace is
 // empty.
@@ -37,13 +42,15 @@ struct Workspace {
   int32_t* sort_values[2];   // [rows][S]: the key indices; afterwards the build's X_l ping-pong
   float* sorted_scores;      // [rows][S]
   int32_t* key_at_rank;      // [rows][S]
-  RankWord* words;           // [rows][levels][WordsPerLevel(S)]
+  RankWord* words;           // [rows][levels][WordsPerLevel(S)]   (wavelet matrix)
   double* zero_sums;         // [rows][levels][S + 1]
+  int32_t* below_count;      // [rows][S + 1]                      (or prefix sums)
+  double* below_sum;         // [rows][S + 1]
   void* sort_temp;           // kSortTempReserve bytes
   size_t bytes;
 };
 
-Workspace CarveWorkspace(int S, int rows, void* base) {
+Workspace CarveWorkspace(int S, int rows, bool prefix, void* base) {
   size_t offset = 0;
   auto take = [&](size_t bytes) -> void* {
     void* at = base ? static_cast<uint8_t*>(base) + offset : nullptr;
@@ -59,9 +66,12 @@ Workspace CarveWorkspace(int S, int rows, void* base) {
   }
   w.sorted_scores = static_cast<float*>(take(items * sizeof(float)));
   w.key_at_rank = static_cast<int32_t*>(take(items * sizeof(int32_t)));
-  const size_t level_rows = size_t(rows) * levels;
+  const size_t level_rows = prefix ? 0 : size_t(rows) * levels;
   w.words = static_cast<RankWord*>(take(level_rows * WordsPerLevel(S) * sizeof(RankWord)));
   w.zero_sums = static_cast<double*>(take(level_rows * (size_t(S) + 1) * sizeof(double)));
+  const size_t prefix_items = prefix ? size_t(rows) * (size_t(S) + 1) : 0;
+  w.below_count = static_cast<int32_t*>(take(prefix_items * sizeof(int32_t)));
+  w.below_sum = static_cast<double*>(take(prefix_items * sizeof(double)));
   w.sort_temp = take(kSortTempReserve);
   w.bytes = offset;
   return w;
@@ -70,6 +80,11 @@ Workspace CarveWorkspace(int S, int rows, void* base) {
 // Structures are needed iff some query can have more than k_select candidates.
 bool NeedsStructures(const SparsekDims& d) { return d.S > d.k_select; }
 
+// Prefix sums instead of the wavelet matrix (select_algo.cuh).
+bool RowsUsePrefixSums(const SparsekDims& d) {
+  return UsesPrefixSums(d.T, d.S, d.window, d.causal);
+}
+
 // Rows per chunk: as many as fit the budget (at least one), balanced over the chunks; a chunk's
 // items must be indexable by int (CUB's offsets), and its rows / 32 fit the sort input's
 // gridDim.y.
@@ -77,9 +92,12 @@ int ChunkRows(const SparsekDims& d) {
   const int64_t rows = std::max<int64_t>(1, int64_t(d.B) * d.K);
   int64_t fit = 65535;
   if (NeedsStructures(d)) {
-    // The buffers of CarveWorkspace per row: 6 int-sized [S] arrays, the levels' words and sums.
+    // The buffers of CarveWorkspace per row: 6 int-sized [S] arrays, then the levels' words and
+    // sums or the prefix counts and sums.
     const int64_t levels = WaveletLevels(d.S);
-    const int64_t row_bytes = int64_t(d.S) * (6 * 4 + levels * 8) + levels * WordsPerLevel(d.S) * 8;
+    const int64_t row_bytes =
+        RowsUsePrefixSums(d) ? int64_t(d.S + 1) * (6 * 4 + 4 + 8)
+                          : int64_t(d.S) * (6 * 4 + levels * 8) + levels * WordsPerLevel(d.S) * 8;
     fit = std::max<int64_t>(1, std::min<int64_t>({fit, int64_t(kChunkBudgetBytes) / row_bytes,
                                                   INT_MAX / d.S - 1}));
   }
@@ -129,6 +147,36 @@ __global__ void __launch_bounds__(256)
   rank_of[x - rank + j] = rank;
 }
 
+// ---- block scans --------------------------------------------------------------------------------
+// The two builds below scan a row in tiles of a block's threads: (count, score sum) per warp,
+// then per warp the totals before it (added to *count_before / *sum_before, which hold the
+// previous tiles' totals on entry) and the tile's totals. Every thread of the block (kWarps
+// warps) calls this with its warp's totals (the same in every lane).
+template <int kWarps>
+__device__ __forceinline__ void ScanWarpTotals(int warp_count, double warp_sum, int* count_before,
+                                               double* sum_before, int* tile_count,
+                                               double* tile_sum) {
+  __shared__ int counts[kWarps];
+  __shared__ double sums[kWarps];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    counts[warp] = warp_count;
+    sums[warp] = warp_sum;
+  }
+  __syncthreads();
+  *tile_count = 0;
+  *tile_sum = 0.0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) {
+      *count_before += counts[w];
+      *sum_before += sums[w];
+    }
+    *tile_count += counts[w];
+    *tile_sum += sums[w];
+  }
+  __syncthreads();  // the totals are read before the next tile writes them
+}
+
 // ---- 2. wavelet matrix --------------------------------------------------------------------------
 constexpr int kBuildWarps = 16, kBuildThreads = kBuildWarps * 32;
 constexpr int kBuildWordsPerWarp = 4;  // consecutive 32-entry words of X_l per warp and tile
@@ -148,8 +196,6 @@ struct BuildParams {
 // then give every entry its two prefixes (ones before it, zero score sum before it), and
 // PlaceEntry / StoreWord write it. A level's X_{l+1} is complete before the next level starts.
 __global__ void __launch_bounds__(kBuildThreads, 2) build_wavelet_kernel(const BuildParams p) {
-  __shared__ int warp_ones[kBuildWarps];
-  __shared__ double warp_zero_sums[kBuildWarps];
   const int S = p.S, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t lanes_below = (1u << lane) - 1u;
   const int64_t row = blockIdx.x;
@@ -198,22 +244,10 @@ __global__ void __launch_bounds__(kBuildThreads, 2) build_wavelet_kernel(const B
         warp_ones_total += __popc(bits[w]);
         warp_zero_total += __shfl_sync(0xffffffffu, inclusive, 31);
       }
-      if (lane == 0) {
-        warp_ones[warp] = warp_ones_total;
-        warp_zero_sums[warp] = warp_zero_total;
-      }
-      __syncthreads();
-      int ones_offset = ones_carry, tile_ones = 0;
-      double zero_offset = zero_sum_carry, tile_zero_sum = 0.0;
-      for (int w = 0; w < kBuildWarps; ++w) {
-        if (w < warp) {
-          ones_offset += warp_ones[w];
-          zero_offset += warp_zero_sums[w];
-        }
-        tile_ones += warp_ones[w];
-        tile_zero_sum += warp_zero_sums[w];
-      }
-      __syncthreads();  // the totals are read before the next tile writes them
+      int ones_offset = ones_carry, tile_ones;
+      double zero_offset = zero_sum_carry, tile_zero_sum;
+      ScanWarpTotals<kBuildWarps>(warp_ones_total, warp_zero_total, &ones_offset, &zero_offset,
+                                  &tile_ones, &tile_zero_sum);
 #pragma unroll
       for (int w = 0; w < kBuildWordsPerWarp; ++w) {
         const int x = warp_first + w * 32 + lane;
@@ -229,6 +263,50 @@ __global__ void __launch_bounds__(kBuildThreads, 2) build_wavelet_kernel(const B
     }
     if (threadIdx.x == 0) FinishLevel(b, ones_carry, zero_sum_carry);
     __syncthreads();  // X_{l+1} is written before the next level reads it
+  }
+}
+
+// ---- 2'. prefix sums ----------------------------------------------------------------------------
+constexpr int kPrefixWarps = 16, kPrefixThreads = kPrefixWarps * 32;
+
+// One CTA per row: below_count[r] / below_sum[r] over the ranks < r of the keys j < n_base,
+// by block scans of kPrefixThreads ranks at a time (counts by ballots, sums by shuffles).
+__global__ void __launch_bounds__(kPrefixThreads)
+    prefix_sums_kernel(int S, int n_base, const float* sorted_scores, const int32_t* key_at_rank,
+                       int32_t* below_count, double* below_sum) {
+  const int lane = threadIdx.x % 32;
+  const uint32_t lanes_upto = (2u << lane) - 1u;  // lanes <= this one (all of them for lane 31)
+  const int64_t row = blockIdx.x;
+  const float* su = sorted_scores + row * S;
+  const int32_t* keys = key_at_rank + row * S;
+  int32_t* count_out = below_count + row * (S + 1);
+  double* sum_out = below_sum + row * (S + 1);
+  if (threadIdx.x == 0) {
+    count_out[0] = 0;
+    sum_out[0] = 0.0;
+  }
+  int count_carry = 0;
+  double sum_carry = 0.0;
+  for (int base = 0; base < S; base += kPrefixThreads) {
+    const int r = base + threadIdx.x;
+    const bool in = r < S && keys[r] < n_base;
+    const uint32_t ballot = __ballot_sync(0xffffffffu, in);
+    double sum = in ? double(su[r]) : 0.0;  // inclusive scan within the warp
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const double other = __shfl_up_sync(0xffffffffu, sum, d);
+      if (lane >= d) sum += other;
+    }
+    int count_before = count_carry, tile_count;
+    double sum_before = sum_carry, tile_sum;
+    ScanWarpTotals<kPrefixWarps>(__popc(ballot), __shfl_sync(0xffffffffu, sum, 31), &count_before,
+                                 &sum_before, &tile_count, &tile_sum);
+    if (r < S) {
+      count_out[r + 1] = count_before + __popc(ballot & lanes_upto);
+      sum_out[r + 1] = sum_before + sum;
+    }
+    count_carry += tile_count;
+    sum_carry += tile_sum;
   }
 }
 
@@ -264,6 +342,12 @@ cudaError_t BuildRowStructures(const SparsekDims& d, const float* scores, int64_
       keys.Current(), values.Current(), S, items, w.sorted_scores, w.key_at_rank, rank_of);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
+  if (RowsUsePrefixSums(d)) {
+    prefix_sums_kernel<<<rows, kPrefixThreads, 0, stream>>>(
+        S, PrefixBase(d.T, d.S, d.window, d.causal), w.sorted_scores, w.key_at_rank,
+        w.below_count, w.below_sum);
+    return cudaGetLastError();
+  }
   // The sort buffers are free again: the values' pair holds the levels' sequences.
   const BuildParams p{S, WaveletLevels(S), w.sorted_scores, rank_of,
                       {w.sort_values[0], w.sort_values[1]}, w.words, w.zero_sums};
@@ -280,8 +364,13 @@ struct QueryParams {
   int64_t row0, queries;  // queries = rows * T of the chunk
   const float* sorted_scores;
   const int32_t* key_at_rank;
-  const RankWord* words;
+  const RankWord* words;        // the wavelet matrix
   const double* zero_sums;
+  bool uses_prefix_sums;        // instead, the prefix sums:
+  int n_base;
+  const int32_t* rank_of;       // [rows][S] of the chunk
+  const int32_t* below_count;
+  const double* below_sum;
   float* tau;    // [B*K, T]
   int32_t* kth;  // [B*K, T]
 };
@@ -294,7 +383,17 @@ __global__ void __launch_bounds__(kQueryThreads) select_queries_kernel(const Que
   const int i = int(x % p.T);
   const int n = NumCandidates(i, p.T, p.S, p.window, p.causal);
   QuerySelectResult r{-1, -INFINITY};
-  if (n > p.k_select) {  // else the structures may not exist (S <= k_select)
+  // With n <= k_select the structures may not exist (S <= k_select).
+  if (n > p.k_select && p.uses_prefix_sums) {
+    const PrefixRow pr{p.S,
+                       p.n_base,
+                       p.sorted_scores + row * p.S,
+                       p.key_at_rank + row * p.S,
+                       p.rank_of + row * p.S,
+                       p.below_count + row * (p.S + 1),
+                       p.below_sum + row * (p.S + 1)};
+    r = SelectQuery(pr, n, p.k_select);
+  } else if (n > p.k_select) {
     const int64_t levels = p.levels;
     const RowStructures rs{p.S,
                            p.levels,
@@ -317,6 +416,7 @@ struct ListParams {
   int T, S, window;
   bool causal;
   int num_tiles, capacity;
+  int warps_per_list;   // 1, 2, 4 or 8
   int64_t row0, lists;  // lists = rows * num_tiles of the chunk
   const int32_t* rank_of;  // [rows][S] of the chunk, null without structures
   const int32_t* kth;      // [B*K, T]
@@ -324,46 +424,76 @@ struct ListParams {
   int32_t* tile_count;     // [B*K, num_tiles]
 };
 
-// One warp per (row, tile) of the chunk: keys in ascending order, each kept or not by the
-// tile's threshold rank, placed by the ballot's prefix count.
+// `warps_per_list` warps per (row, tile) of the chunk: keys in ascending order, each kept or not
+// by the tile's threshold rank, placed by the ballot's prefix count. Several warps split the
+// keys into runs: each counts its run's listed keys first and places them after the runs
+// before it.
 __global__ void __launch_bounds__(kListWarps * 32) tile_lists_kernel(const ListParams p) {
-  const int64_t x = int64_t(blockIdx.x) * kListWarps + threadIdx.x / 32;
-  if (x >= p.lists) return;
-  const int lane = threadIdx.x % 32;
+  __shared__ int run_counts[kListWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t lanes_below = (1u << lane) - 1u;
-  const int64_t row = x / p.num_tiles, list = p.row0 * p.num_tiles + x;
+  const int64_t x = (int64_t(blockIdx.x) * kListWarps + warp) / p.warps_per_list;
+  const int part = warp % p.warps_per_list;
+  const bool valid = x < p.lists;  // no early return: the block synchronizes below
+  const int64_t row = valid ? x / p.num_tiles : 0, list = p.row0 * p.num_tiles + x;
   const int first = int(x % p.num_tiles) * kTileQueries;
   const int last = min(first + kTileQueries, p.T) - 1;
   const int32_t* rank_of = p.rank_of ? p.rank_of + row * p.S : nullptr;
-  const TileListSpec spec = TileList(last, p.T, p.S, p.window, p.causal,
-                                     p.kth[(p.row0 + row) * p.T + first], rank_of);
-  int32_t* keys = p.tile_keys + list * p.capacity;
-  int count = 0;
-  for (int base = 0; base < spec.num_keys; base += 32 * kListWordsPerStep) {
-    bool listed[kListWordsPerStep];
+  const TileListSpec spec =
+      valid ? TileList(last, p.T, p.S, p.window, p.causal, p.kth[(p.row0 + row) * p.T + first],
+                       rank_of)
+            : TileListSpec{0, 0};
+  constexpr int kStep = 32 * kListWordsPerStep;
+  const int run = (spec.num_keys + p.warps_per_list * kStep - 1) / (p.warps_per_list * kStep) * kStep;
+  const int run_begin = part * run, run_end = min(run_begin + run, spec.num_keys);
+  auto listed = [&](int j) {
+    return j < run_end && (spec.min_rank == 0 || rank_of[j] >= spec.min_rank);
+  };
+  int count = 0;  // listed keys before this run's next one
+  if (p.warps_per_list > 1) {
+    int in_run = 0;
+    for (int base = run_begin; base < run_end; base += kStep) {
 #pragma unroll
-    for (int w = 0; w < kListWordsPerStep; ++w) {
-      const int j = base + w * 32 + lane;
-      listed[w] = j < spec.num_keys && (spec.min_rank == 0 || rank_of[j] >= spec.min_rank);
+      for (int w = 0; w < kListWordsPerStep; ++w) {
+        in_run += __popc(__ballot_sync(0xffffffffu, listed(base + w * 32 + lane)));
+      }
     }
+    if (lane == 0) run_counts[warp] = in_run;
+    __syncthreads();
+    for (int w = warp - part; w < warp; ++w) count += run_counts[w];
+  }
+  if (!valid) return;
+  int32_t* keys = p.tile_keys + list * p.capacity;
+  for (int base = run_begin; base < run_end; base += kStep) {
+    bool in[kListWordsPerStep];
+#pragma unroll
+    for (int w = 0; w < kListWordsPerStep; ++w) in[w] = listed(base + w * 32 + lane);
 #pragma unroll
     for (int w = 0; w < kListWordsPerStep; ++w) {
-      const uint32_t ballot = __ballot_sync(0xffffffffu, listed[w]);
+      const uint32_t ballot = __ballot_sync(0xffffffffu, in[w]);
       const int slot = count + __popc(ballot & lanes_below);
       // count <= capacity holds by construction (see TileList); the check only keeps a broken
       // invariant from writing into the next list.
-      if (listed[w] && slot < p.capacity) keys[slot] = base + w * 32 + lane;
+      if (in[w] && slot < p.capacity) keys[slot] = base + w * 32 + lane;
       count += __popc(ballot);
     }
   }
-  if (lane == 0) p.tile_count[list] = min(count, p.capacity);
+  if (part == p.warps_per_list - 1 && lane == 0) p.tile_count[list] = min(count, p.capacity);
+}
+
+// Warps per list: one when the lists alone give the GPU enough warps, up to 8 otherwise.
+int WarpsPerList(int64_t lists) {
+  constexpr int64_t kEnoughWarps = 4096;  // ~132 SMs x 32 resident warps of this small kernel
+  int warps = 1;
+  while (warps < kListWarps && lists * warps < kEnoughWarps) warps *= 2;
+  return warps;
 }
 
 }  // namespace
 
 size_t SelectWorkspaceBytes(const SparsekDims& d) {
   if (int64_t(d.B) * d.K * d.T == 0 || !NeedsStructures(d)) return 0;
-  return CarveWorkspace(d.S, ChunkRows(d), nullptr).bytes;
+  return CarveWorkspace(d.S, ChunkRows(d), RowsUsePrefixSums(d), nullptr).bytes;
 }
 
 cudaError_t LaunchSparsekSelect(const SelectArgs& a, cudaStream_t stream, std::string* error) {
@@ -378,7 +508,7 @@ cudaError_t LaunchSparsekSelect(const SelectArgs& a, cudaStream_t stream, std::s
   const int chunk_rows = ChunkRows(d);
   Workspace w{};
   if (structures) {
-    w = CarveWorkspace(d.S, chunk_rows, a.workspace);
+    w = CarveWorkspace(d.S, chunk_rows, RowsUsePrefixSums(d), a.workspace);
     if (a.workspace_bytes < w.bytes || reinterpret_cast<uintptr_t>(a.workspace) % 256 != 0) {
       *error = "workspace of " + std::to_string(a.workspace_bytes) + " bytes, need " +
                std::to_string(w.bytes) + " bytes aligned to 256";
@@ -396,16 +526,18 @@ cudaError_t LaunchSparsekSelect(const SelectArgs& a, cudaStream_t stream, std::s
 
     const QueryParams q{d.T, d.S, structures ? WaveletLevels(d.S) : 0, d.k_select, d.window,
                         d.causal, row0, int64_t(chunk) * d.T, w.sorted_scores, w.key_at_rank,
-                        w.words, w.zero_sums, a.tau, a.kth};
+                        w.words, w.zero_sums, structures && RowsUsePrefixSums(d),
+                        PrefixBase(d.T, d.S, d.window, d.causal), rank_of, w.below_count,
+                        w.below_sum, a.tau, a.kth};
     select_queries_kernel<<<unsigned((q.queries + kQueryThreads - 1) / kQueryThreads),
                             kQueryThreads, 0, stream>>>(q);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-    const ListParams l{d.T, d.S, d.window, d.causal, d.num_tiles(), d.list_capacity(), row0,
-                       int64_t(chunk) * d.num_tiles(), rank_of, a.kth, a.tile_keys,
-                       a.tile_count};
-    tile_lists_kernel<<<unsigned((l.lists + kListWarps - 1) / kListWarps), kListWarps * 32, 0,
-                        stream>>>(l);
+    const int64_t lists = int64_t(chunk) * d.num_tiles();
+    const ListParams l{d.T, d.S, d.window, d.causal, d.num_tiles(), d.list_capacity(),
+                       WarpsPerList(lists), row0, lists, rank_of, a.kth, a.tile_keys, a.tile_count};
+    tile_lists_kernel<<<unsigned((lists * l.warps_per_list + kListWarps - 1) / kListWarps),
+                        kListWarps * 32, 0, stream>>>(l);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;

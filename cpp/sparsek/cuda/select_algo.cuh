@@ -2,12 +2,15 @@
 // scores u_j, j < S; query i has the candidates [0, n_i) and needs
 //   kth_i: the k-th strongest candidate in the (score, index) order (ties: larger j stronger),
 //   tau_i: the largest root of f(t) = sum_{j < n_i} clip(u_j - t, 0, 1) = k.
-// Each query is answered on its own, in O(log S) per Newton step on f (a handful of steps), from
-// structures built once per row:
+// Each query is answered on its own, in O(log S) per Newton step on f (a handful of steps; with
+// prefix sums O(log S + extras), kth in O(log S * extras)), from structures built once per row:
 //   sorted_scores[r], key_at_rank[r]: the scores sorted ascending in that order (rank r = the
 //     r-th weakest key) and their key indices; rank_of[j] the inverse permutation;
 //   a wavelet matrix over the sequence rank_of[0..S) (key order), which gives for any prefix of
-//     keys [0, n) the m-th smallest rank, and the count and score sum of the ranks below r.
+//     keys [0, n) the m-th smallest rank, and the count and score sum of the ranks below r;
+//   or, when every query of the row has between n_base and n_base + kMaxPrefixExtras candidates
+//     (a few causal queries, or non-causal ones: all share n = S), the count and score sum of
+//     the keys [0, n_base) below each rank (PrefixRow), the few keys past n_base read one by one.
 // Everything here is plain code on those arrays so that select_algo_test.cc runs it on the host
 // against brute force (g++ -std=c++17 -O2 -Icpp cpp/sparsek/cuda/select_algo_test.cc).
 //
@@ -146,6 +149,63 @@ JSK_HD CountSum RanksBelow(const RowStructures& row, int n, int r) {
   return out;
 }
 
+// ---- prefix sums: rows whose queries have nearly the same candidates -------------------------
+// below_count[r] / below_sum[r]: count and score sum of the keys j < n_base of ranks < r,
+// r <= S (S + 1 entries each, built by one scan of the sorted order). A query with n
+// candidates, n_base <= n <= n_base + kMaxPrefixExtras, adds the keys [n_base, n).
+constexpr int kMaxPrefixExtras = 64;
+
+// Whether a row's T queries take the prefix sums, and their n_base (query 0's candidates; the
+// candidate counts never decrease along the queries).
+JSK_HD int PrefixBase(int T, int S, int window, bool causal) {
+  return NumCandidates(0, T, S, window, causal);
+}
+JSK_HD bool UsesPrefixSums(int T, int S, int window, bool causal) {
+  return NumCandidates(T - 1, T, S, window, causal) - PrefixBase(T, S, window, causal) <=
+         kMaxPrefixExtras;
+}
+
+struct PrefixRow {
+  int S, n_base;
+  const float* sorted_scores;  // [S]
+  const int32_t* key_at_rank;  // [S]
+  const int32_t* rank_of;      // [S]
+  const int32_t* below_count;  // [S + 1]
+  const double* below_sum;     // [S + 1]
+};
+
+// Count of the keys in [0, n) whose rank is below r (n >= n_base).
+JSK_HD int CountBelow(const PrefixRow& row, int n, int r) {
+  int count = row.below_count[r];
+  for (int j = row.n_base; j < n; ++j) count += row.rank_of[j] < r;
+  return count;
+}
+JSK_HD CountSum RanksBelow(const PrefixRow& row, int n, int r) {
+  CountSum out{row.below_count[r], row.below_sum[r]};
+  for (int j = row.n_base; j < n; ++j) {
+    const int rank = row.rank_of[j];
+    if (rank < r) {
+      ++out.count;
+      out.sum += row.sorted_scores[rank];
+    }
+  }
+  return out;
+}
+// The m-th smallest (from 0) rank among keys [0, n): the smallest r with m + 1 of them at or
+// below it, by bisection on the counts.
+JSK_HD int SmallestRank(const PrefixRow& row, int n, int m) {
+  int lo = 0, hi = row.S - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (CountBelow(row, n, mid + 1) > m) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
 // ---- building one level ---------------------------------------------------------------------
 // Level l under construction: reads X_l (`ranks`), writes X_{l+1} (`next_ranks`, null for the
 // last level, whose successor nobody reads), the words and the zero sums. The builder walks X_l
@@ -214,7 +274,9 @@ JSK_HD int CountAtMost(const float* sorted, int S, double x) {
   return lo;
 }
 
-JSK_HD LinearPiece PieceAt(const RowStructures& row, int n, double t) {
+// Row: RowStructures (wavelet) or PrefixRow; both give RanksBelow and SmallestRank.
+template <typename Row>
+JSK_HD LinearPiece PieceAt(const Row& row, int n, double t) {
   const float* su = row.sorted_scores;
   const int below = CountAtMost(su, row.S, t);          // ranks < below: u <= t, contribute 0
   const int inside_end = CountAtMost(su, row.S, t + 1.0);  // ranks >= inside_end: contribute 1
@@ -244,7 +306,8 @@ constexpr int kMaxTauSteps = 64;
 // ends at theta - 1, followed by the piece of slope >= 1 holding the keys at theta. Else the
 // bracket shrinks at the Newton point when it is inside and the step at most half the one before
 // last, at the midpoint otherwise.
-JSK_HD double SolveTau(const RowStructures& row, int n, int k, double theta) {
+template <typename Row>
+JSK_HD double SolveTau(const Row& row, int n, int k, double theta) {
   double lo = theta - 1.0, hi = theta;
   LinearPiece p = PieceAt(row, n, lo);
   double step = INFINITY, step_before = INFINITY;
@@ -273,7 +336,8 @@ struct QuerySelectResult {
   int kth;
   float tau;
 };
-JSK_HD QuerySelectResult SelectQuery(const RowStructures& row, int n, int k) {
+template <typename Row>
+JSK_HD QuerySelectResult SelectQuery(const Row& row, int n, int k) {
   if (n <= k) return {-1, -INFINITY};
   const int rank = SmallestRank(row, n, n - k);
   return {row.key_at_rank[rank], float(SolveTau(row, n, k, double(row.sorted_scores[rank])))};

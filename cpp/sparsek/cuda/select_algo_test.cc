@@ -1,6 +1,7 @@
 // Brute-force check of select_algo.cuh, the per-row logic of the CUDA selection (select.cu):
 // builds a row's structures sequentially with the header's level functions, answers every query
-// with the header's SelectQuery, and compares with the definitions on random rows (normal
+// with the header's SelectQuery (on the wavelet matrix and, where the row's queries qualify, on
+// the prefix sums too), and compares with the definitions on random rows (normal
 // scores, ties from a few integers or halves, signed zeros; small and large S, T != S, window
 // 0, k_select >= S, causal or not):
 //   - kth: the k-th strongest candidate in the (score, index) order, exactly;
@@ -97,6 +98,23 @@ struct HostRow {
   }
 };
 
+// The prefix sums of PrefixRow for keys [0, n_base), by their definition.
+struct HostPrefix {
+  std::vector<int32_t> below_count;
+  std::vector<double> below_sum;
+  PrefixRow row;
+
+  HostPrefix(const HostRow& h, int n_base) : below_count(h.S + 1, 0), below_sum(h.S + 1, 0.0) {
+    for (int r = 0; r < h.S; ++r) {
+      const bool in = h.key_at_rank[r] < n_base;
+      below_count[r + 1] = below_count[r] + in;
+      below_sum[r + 1] = below_sum[r] + (in ? double(h.sorted_scores[r]) : 0.0);
+    }
+    row = {h.S, n_base, h.sorted_scores.data(), h.key_at_rank.data(), h.rank_of.data(),
+           below_count.data(), below_sum.data()};
+  }
+};
+
 // tau by definition: the last breakpoint with f >= k, then linear to the next one.
 long double BruteTau(const std::vector<float>& u, int n, int k) {
   auto f = [&](long double t) {
@@ -127,7 +145,7 @@ long double BruteTau(const std::vector<float>& u, int n, int k) {
 }
 
 struct Stats {
-  long queries = 0, exact_tau = 0, lists = 0, fails = 0;
+  long queries = 0, prefix_queries = 0, exact_tau = 0, lists = 0, fails = 0;
   double worst_rel = 0;
 };
 
@@ -142,11 +160,21 @@ void CheckRow(const std::vector<float>& u, int T, int k, int window, bool causal
   };
   const HostRow host(u);
   const RowStructures row = host.view();
+  const int n_base = PrefixBase(T, S, window, causal);
+  const bool prefix_path = UsesPrefixSums(T, S, window, causal);
+  const HostPrefix prefix(host, n_base);
   std::vector<int> kth(T);
   std::vector<float> tau(T);
   for (int i = 0; i < T; ++i) {
     const int n = NumCandidates(i, T, S, window, causal);
     const QuerySelectResult r = SelectQuery(row, n, k);
+    if (prefix_path) {
+      const QuerySelectResult rp = SelectQuery(prefix.row, n, k);
+      ++st->prefix_queries;
+      if (rp.kth != r.kth) fail("prefix path kth", i, rp.kth, r.kth);
+      const double rel = std::fabs(double(rp.tau) - r.tau) / std::max(1.0, std::fabs(double(r.tau)));
+      if (!(rel <= 1e-6) && !(rp.tau == r.tau)) fail("prefix path tau", i, rp.tau, r.tau);
+    }
     kth[i] = r.kth;
     tau[i] = r.tau;
     ++st->queries;
@@ -256,8 +284,8 @@ int main() {
     }
     CheckRow(u, T, k, window, causal, kinds[kind], &st);
   }
-  std::printf("select_algo_test: %ld queries (%ld tau bit-exact, worst relative error %.3g), "
-              "%ld tile lists, %ld failures\n",
-              st.queries, st.exact_tau, st.worst_rel, st.lists, st.fails);
+  std::printf("select_algo_test: %ld queries (%ld tau bit-exact, worst relative error %.3g; "
+              "%ld also on prefix sums), %ld tile lists, %ld failures\n",
+              st.queries, st.exact_tau, st.worst_rel, st.prefix_queries, st.lists, st.fails);
   return st.fails != 0;
 }
