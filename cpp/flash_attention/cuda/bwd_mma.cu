@@ -272,14 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {
-      pa[kk][0] = pack2<kBf16>(st[2 * kk][0], st[2 * kk][1]);
-      pa[kk][1] = pack2<kBf16>(st[2 * kk][2], st[2 * kk][3]);
-      pa[kk][2] = pack2<kBf16>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      pa[kk][3] = pack2<kBf16>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      da[kk][0] = pack2<kBf16>(dpt[2 * kk][0], dpt[2 * kk][1]);
-      da[kk][1] = pack2<kBf16>(dpt[2 * kk][2], dpt[2 * kk][3]);
-      da[kk][2] = pack2<kBf16>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      da[kk][3] = pack2<kBf16>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+      pack_a<kBf16>(pa[kk], st, kk);
+      pack_a<kBf16>(da[kk], dpt, kk);
     }
     // dS^T (16-bit) to shared memory for the dQ product: fragment register 2 * half + ri holds
     // key row g + 8 ri, query columns (2 kk + half) * 8 + 2 t4 + {0, 1}.

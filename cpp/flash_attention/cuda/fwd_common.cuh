@@ -138,24 +138,28 @@ __device__ __forceinline__ void add_qk(float (&s)[kBN / 8][4], const uint32_t (&
   }
 }
 
+// O *= alpha per row (the online softmax's correction when a row's maximum grows).
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int nb = 0; nb < D / 8; ++nb) {
+    o[nb][0] *= alpha[0];
+    o[nb][1] *= alpha[0];
+    o[nb][2] *= alpha[1];
+    o[nb][3] *= alpha[1];
+  }
+}
+
 // O = alpha * O + P V for this warp's 16 rows: P (16 x kBN probabilities in the accumulator
 // layout, converted to 16-bit A fragments) times the kBN x D value tile at v_s (tile format).
 template <bool kBf16, int D, int kBN>
 __device__ __forceinline__ void rescale_and_add_pv(float (&o_acc)[D / 8][4], const float (&s)[kBN / 8][4],
                                                    const float (&alpha)[2], uint32_t v_s, int lane) {
-#pragma unroll
-  for (int nb = 0; nb < D / 8; ++nb) {
-    o_acc[nb][0] *= alpha[0];
-    o_acc[nb][1] *= alpha[0];
-    o_acc[nb][2] *= alpha[1];
-    o_acc[nb][3] *= alpha[1];
-  }
+  rescale_rows<D>(o_acc, alpha);
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) {
-    const uint32_t a[4] = {pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]),
-                           pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]),
-                           pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    uint32_t a[4];
+    pack_a<kBf16>(a, s, kk);
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
       uint32_t vb[4];

@@ -78,23 +78,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], uint32_t (&pf)[kB
 template <bool kBf16>
 __device__ __forceinline__ void convert_p(const float (&s)[kBN / 8][4], uint32_t (&pf)[kBN / 16][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-    pf[kk][0] = pack2<kBf16>(s[2 * kk][0], s[2 * kk][1]);
-    pf[kk][1] = pack2<kBf16>(s[2 * kk][2], s[2 * kk][3]);
-    pf[kk][2] = pack2<kBf16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pf[kk][3] = pack2<kBf16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-  }
-}
-
-template <int D>
-__device__ __forceinline__ void rescale(float (&o)[D / 8][4], const float (&alpha)[2]) {
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    o[j][0] *= alpha[0];
-    o[j][1] *= alpha[0];
-    o[j][2] *= alpha[1];
-    o[j][3] *= alpha[1];
-  }
+  for (int kk = 0; kk < kBN / 16; ++kk) pack_a<kBf16>(pf[kk], s, kk);
 }
 
 template <bool kBf16, int D>
@@ -200,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tile < 0) break;  // no more key tiles
       if (pingpong) named_bar_sync(my_turn, 256);
       issue_qk<kBf16, D>(s, q_rows, sK + stage * L::kTileBytes);
-      rescale<D>(o, alpha);
+      rescale_rows<D>(o, alpha);
       mbar_wait(v_full + 8 * prev, ((it - 1) >> 1) & 1);
       issue_pv<kBf16, D>(o, pf, sV + prev * L::kTileBytes);
       if (pingpong) named_bar_arrive(other_turn, 256);
@@ -220,7 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Last P V.
     const int last = (it - 1) & 1;
     if (pingpong) named_bar_sync(my_turn, 256);
-    rescale<D>(o, alpha);
+    rescale_rows<D>(o, alpha);
     mbar_wait(v_full + 8 * last, ((it - 1) >> 1) & 1);
     issue_pv<kBf16, D>(o, pf, sV + last * L::kTileBytes);
     if (pingpong && c == 0) named_bar_arrive(other_turn, 256);  // consumer 1 issues last

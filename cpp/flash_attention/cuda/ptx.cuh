@@ -39,6 +39,17 @@ __device__ __forceinline__ float2 unpack2(uint32_t v) {
   }
 }
 
+// The 16-bit A operand (this warp's 16 rows x columns 16 kk .. 16 kk + 15) of an fp32
+// accumulator tile x (rows g / g + 8, columns 8 nb + 2 t4 + {0, 1} at x[nb][0..1] / x[nb][2..3];
+// mma.sync m16n8 and wgmma m64nN accumulators agree per warp).
+template <bool kBf16, int NB>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&x)[NB][4], int kk) {
+  a[0] = pack2<kBf16>(x[2 * kk][0], x[2 * kk][1]);
+  a[1] = pack2<kBf16>(x[2 * kk][2], x[2 * kk][3]);
+  a[2] = pack2<kBf16>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+  a[3] = pack2<kBf16>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -151,16 +151,6 @@ struct LaneOffsets {
   }
 };
 
-// The 16-bit A operand (this warp's 16 rows x columns 16 kk .. 16 kk + 15) of an fp32
-// accumulator tile x (rows g / g + 8, columns 8 nb + 2 t4 + {0, 1} at x[nb][0..1] / x[nb][2..3]).
-template <bool kBf16, int NB>
-__device__ __forceinline__ void pack_a(uint32_t (&a)[4], const float (&x)[NB][4], int kk) {
-  a[0] = pack2<kBf16>(x[2 * kk][0], x[2 * kk][1]);
-  a[1] = pack2<kBf16>(x[2 * kk][2], x[2 * kk][3]);
-  a[2] = pack2<kBf16>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-  a[3] = pack2<kBf16>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-}
-
 // acc (this warp's 16 chunk keys x D, accumulator layout) * factor added to the gathered rows
 // of `dst` ([B, S, K, D] fp32) with float4 atomics: lanes t4 and t4 ^ 1 swap halves so that the
 // even one holds 4 consecutive columns of row g, the odd one of row g + 8.
