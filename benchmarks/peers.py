@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from benchmarks import timing
+from benchmarks import report, timing
 from benchmarks.problems import Target, dense_targets, scale, selection_threshold
 from jax_sparsek.testing import AttentionSpec
 
@@ -46,7 +46,7 @@ def build(spec: AttentionSpec, arrays: dict, passes: tuple[str, ...],
     """The implementations of `spec` (those `only` names, when given: see selected)."""
     on_gpu = jax.default_backend() == "gpu"
     builders = {  # what the names each builder makes start with
-        "jax_sparsek": _ours, "jax_sparsek[deterministic]": _ours_deterministic,
+        "jax_sparsek": _ours, report.DETERMINISTIC: _ours_deterministic,
         "jax_sparsek[xla]": _ours_xla, "jax.nn[xla]": _jax_nn_xla,
         "jax.nn[cudnn": _jax_nn_cudnn, "pallas.attention_mgpu": _mgpu, "torch.sdpa": _torch_sdpa,
         "torch.flex": _torch_flex,
@@ -118,8 +118,8 @@ def _ours_deterministic(spec, arrays, passes, on_gpu):
     """The backward with a bitwise reproducible dq (flash and block-sparse; the forward is the
     same kernel, so only fwd+bwd is worth a row)."""
     if spec.op not in ("flash_attention", "block_sparse_attention") or "fwd+bwd" not in passes:
-        raise Unavailable("jax_sparsek[deterministic]: fwd+bwd of flash / block-sparse only")
-    impl = _op(spec, "ffi", "jax_sparsek[deterministic]", deterministic=True)
+        raise Unavailable(f"{report.DETERMINISTIC}: fwd+bwd of flash / block-sparse only")
+    impl = _op(spec, "ffi", report.DETERMINISTIC, deterministic=True)
     return [_probe(dataclasses.replace(impl, backward_variant=True), arrays)]
 
 

@@ -307,7 +307,7 @@ def bytes_moved(spec: AttentionSpec, passes: str) -> float:
     size = jnp.dtype(spec.dtype).itemsize
     rows = S
     if spec.op == "sparsek_attention":
-        rows = min(S, spec.sparsek_window + spec.k_select + 2 * (T - 1))
+        rows = min(S, int(spec.attended_keys()) + 2 * (T - 1))
     total = size * (B * T * N * spec.D + B * rows * K * (spec.D + spec.dv) + B * T * N * spec.dv)
     if spec.op == "sparsek_attention":
         total += 4 * B * S * K

@@ -8,6 +8,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OURS = "jax_sparsek"
+DETERMINISTIC = f"{OURS}[deterministic]"
+OUR_KERNELS = (OURS, DETERMINISTIC)  # never a peer (our float32 reference is one)
 
 
 def device_slug(device: str) -> str:
@@ -17,7 +19,7 @@ def device_slug(device: str) -> str:
 def _best_peer_ms(records: list[dict]) -> dict:
     best = {}
     for r in records:
-        if r["impl"] not in (OURS, f"{OURS}[deterministic]"):  # our kernels are no peers
+        if r["impl"] not in OUR_KERNELS:
             key = (r["device"], r["preset"], r["pass"])
             best[key] = min(best.get(key, float("inf")), r["ms"])
     return best
@@ -138,13 +140,6 @@ def tier_markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def is_decode(preset: str) -> bool:
-    """Decoding presets: the decode group's and benchmarks/decode.py's (sparsek-decode-b<B>)."""
-    from benchmarks.presets import GROUPS
-
-    return preset in GROUPS["decode"] or preset.startswith("sparsek-decode-b")
-
-
 def decode_markdown(records: list[dict]) -> str:
     """The decoding table: time, bandwidth on the bytes each step must read, its fraction of
     the 2.97 TB/s an elementwise kernel reaches, and ours / best peer."""
@@ -169,7 +164,7 @@ def update_readme(readme: Path, results: Path = RESULTS) -> None:
 
     records = [r for path in sorted(results.glob("*/*.json")) for r in json.loads(path.read_text())]
     headline = [r for r in records if r["preset"] in GROUPS["all"]]
-    decoding = [r for r in records if is_decode(r["preset"]) and r["pass"] == "fwd"]
+    decoding = [r for r in records if r["T"] == 1 and r["pass"] == "fwd"]  # one query a row
     others = {r["preset"] for r in records} - {r["preset"] for r in headline + decoding}
     note = f"\n\nDecoding (forward, one query per sequence):\n\n{decode_markdown(decoding)}" \
         if decoding else ""

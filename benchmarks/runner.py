@@ -160,28 +160,29 @@ def record(preset: str, target: Target, impl: str, passes: str, ms: float,
 
 def _progress(total: int, desc: str, start: float):
     """A tqdm bar on a terminal; elsewhere (logs) one line per job with the run's elapsed time."""
-    try:
-        if not sys.stderr.isatty():
-            raise ImportError
-        from tqdm import tqdm
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False), tqdm.write
-    except ImportError:
-        class Plain:
-            n = 0
+            return tqdm(total=total, desc=desc, leave=False), tqdm.write
+        except ImportError:
+            pass
 
-            def set_postfix_str(self, s):
-                self.n += 1
-                print(f"  [{self.n}/{total}] {desc} {s} (at {time.perf_counter() - start:.0f} s)",
-                      flush=True)
+    class Plain:
+        n = 0
 
-            def update(self, _=1):
-                pass
+        def set_postfix_str(self, s):
+            self.n += 1
+            print(f"  [{self.n}/{total}] {desc} {s} (at {time.perf_counter() - start:.0f} s)",
+                  flush=True)
 
-            def close(self):
-                pass
+        def update(self, _=1):
+            pass
 
-        return Plain(), print
+        def close(self):
+            pass
+
+    return Plain(), print
 
 
 def _torch_module():
@@ -240,7 +241,6 @@ def run(problem_specs: dict[str, AttentionSpec], passes: Iterable[str] = PASSES,
                 if (p == "fwd" and not i.backward_variant) or (p != "fwd" and i.grad_args is not None)]
         bar, write = _progress(len(jobs), name, start)
         refs = _References(spec, arrays, do, ref_budget, log)
-        new = []
         for n, (impl, p) in enumerate(jobs):
             bar.set_postfix_str(f"{impl.name} {p}")
             measure = _measure_torch if impl.torch else _measure_jax
@@ -258,14 +258,14 @@ def run(problem_specs: dict[str, AttentionSpec], passes: Iterable[str] = PASSES,
                 release()
             if taken is not None:
                 err = refs.error(impl, p, taken)
-                new.append(record(name, impl.target, impl.name, p, ms, err, env))
+                rec = record(name, impl.target, impl.name, p, ms, err, env)
+                records.append(rec)
                 if done is not None:
-                    done(new[-1:])
+                    done([rec])
             taken = None
             bar.update()
         bar.close()
         del arrays, do, refs, impls, jobs
         impl = None  # the last one (FlexAttention's holds its block mask)
         release(end_of_problem=True)
-        records += new
     return records

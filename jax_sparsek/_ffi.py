@@ -68,14 +68,12 @@ def default_platform() -> str:
     return platform.lower().replace("gpu", "cuda")
 
 
-def cuda_unsupported(dtype, head_dim: int, value_head_dim: int | None = None) -> str | None:
+def cuda_unsupported(dtype, head_dim: int, value_head_dim: int) -> str | None:
     """Why the CUDA kernels (every op's: they take 16-bit inputs and one head dim of 64 or 128
     for q, k and v) can't run inputs of this dtype and head dims, or None."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"take bfloat16 or float16 inputs, got {jnp.dtype(dtype)}"
-    if value_head_dim is None and head_dim not in (64, 128):
-        return f"take head dims 64 or 128, got D={head_dim}"
-    if value_head_dim is not None and (head_dim not in (64, 128) or value_head_dim != head_dim):
+    if head_dim not in (64, 128) or value_head_dim != head_dim:
         return f"take head dims 64 or 128 with Dv == D, got D={head_dim}, Dv={value_head_dim}"
     return None
 

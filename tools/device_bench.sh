@@ -15,7 +15,7 @@
 #   main            main1 then main2 (for a machine without a per-call limit); all: every part
 #
 # In order of importance: main1, main2, sparsek-sweeps, sweeps, profile. Every part ends with
-# `python -m benchmarks.report` (the README's tables from every JSON record present), the
+# `python -m benchmarks.report` (the README's tables: the headline and decoding presets), the
 # plots, and $OUT/results.tgz (benchmarks/results and README.md); unpack each part's
 # results.tgz into the tree before the next part, so that the last report covers all of them.
 # $OUT (default ./device_out) also gets logs-PART.tgz (one log per step) and summary.txt
@@ -107,16 +107,14 @@ finish() {  # the README tables, the plots, the archive and the summary of the p
   tar czf "$OUT/results.tgz" benchmarks/results README.md
   tar czf "$OUT/logs-$part.tgz" -C "$LOGS" .
   {
-    echo "-- records in the files this part wrote (preset impl pass ms rel_err):"
+    echo "-- records in the files this part wrote:"
     "$PY" - "$LOGS/.start" <<'EOF'
 import json, os, sys
 from pathlib import Path
+from benchmarks import report
 since = os.path.getmtime(sys.argv[1])
-for path in sorted(Path("benchmarks/results").glob("*/*.json")):
-    if path.stat().st_mtime >= since:
-        for r in json.loads(path.read_text()):
-            err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
-            print(f"{r['preset']:32s} {r['impl']:26s} {r['pass']:7s} {r['ms']:9.3f} {err}")
+print(report.table([r for path in sorted(Path("benchmarks/results").glob("*/*.json"))
+                    if path.stat().st_mtime >= since for r in json.loads(path.read_text())]))
 EOF
     echo "-- part $part: $((SECONDS - PART_START)) s"
   } >> "$SUMMARY"
@@ -187,8 +185,8 @@ for part in "${parts[@]}"; do
         --passes fwd+bwd --iters 10 --impl jax_sparsek "jax.nn[cudnn*"
       ;;
     profile)  # ncu summaries to benchmarks/results/<device>/profiles/
-      step profile-sparsek-seed003 240 "$PY" -m benchmarks.profile sparsek-seed003
-      step profile-seed003 150 "$PY" -m benchmarks.profile seed003
+      step profile-sparsek-seed003 240 "$PY" -m benchmarks.profile sparsek-seed003 --timeout 220
+      step profile-seed003 150 "$PY" -m benchmarks.profile seed003 --timeout 130
       ;;
   esac
   finish "$part"

@@ -18,7 +18,9 @@
 #include <string>
 #include <utility>
 
+#include "common/attention_checks.h"
 #include "common/ffi_helpers.h"
+#include "decode/splits.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_sparsek::decode {
@@ -79,12 +81,10 @@ inline ffi::Error ReadDecodeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer&
   if (key_begin < 0)
     return ffi::Error::InvalidArgument("key_begin must be >= 0, got " + str(key_begin));
   JSK_RETURN_IF_ERROR(CheckScale(scale));
-  JSK_RETURN_IF_ERROR(ExpectShape("o", o, {B, 1, N, D}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("o", o, q.element_type()));
-  JSK_RETURN_IF_ERROR(ExpectShape("lse", lse, {B, N, 1}));
-  JSK_RETURN_IF_ERROR(ExpectDtype("lse", lse, ffi::DataType::F32));
+  JSK_RETURN_IF_ERROR(CheckAttentionOutputs(AttentionShape{B, 1, R, N, K, D, D},
+                                            q.element_type(), o, lse));
   JSK_RETURN_IF_ERROR(GetDims("partials", partials, pd));
-  const int64_t max_splits = std::max<int64_t>(1, (R + 63) / 64);  // splits of >= 64 entries
+  const int64_t max_splits = std::max<int64_t>(1, (R + kSplitEntries - 1) / kSplitEntries);
   if (pd[0] != B || pd[1] != N || pd[2] < 1 || pd[2] > max_splits || pd[3] != D + 1)
     return ffi::Error::InvalidArgument("partials must have shape [B=" + str(B) + ", N=" + str(N) +
                                        ", splits in [1, " + str(max_splits) + "], D + 1=" +

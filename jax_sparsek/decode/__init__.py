@@ -19,7 +19,9 @@ import numpy as np
 from jax_sparsek import _ffi
 
 TARGET = "jax_sparsek_decode_fwd"
-# Split sizing (the CUDA kernel takes up to 4 query heads per CTA and runs 4 CTAs per SM):
+# Split sizing (the CUDA kernel takes up to 4 query heads per CTA, kHeadsPerCta in
+# cpp/decode/cuda/decode_kernel.cu, and runs 4 CTAs per SM; its splits are multiples of 64
+# entries, cpp/decode/splits.h):
 # about four waves of CTAs on a 132-SM H100, so that the last, partial wave costs little, and
 # no split shorter than 512 entries (each split adds a merge row per head and a CTA start).
 # Measured on the H100 (benchmarks/NOTES.md): one wave of CTAs left decode128k at 2.1 TB/s,
@@ -61,7 +63,7 @@ def decode_forward(q, k, v, key_weight=None, *, scale: float, key_begin: int = 0
                          key_begin=np.int64(key_begin), heads_first=bool(heads_first))
         return o, lse
 
-    operand_dims = lambda *ops: [("b", "t", "n", "d"), kv_dims, kv_dims, weight_dims]
+    operand_dims = [("b", "t", "n", "d"), kv_dims, kv_dims, weight_dims]
     return _ffi.batched_call(body, (q, k, v, key_weight), operand_dims,
                              [("b", "t", "n", "d"), ("b", "n", "t")], name="decode attention")
 
@@ -93,7 +95,8 @@ def weighted_decode_attention(q, k, v, key_weight, scale: float):
 
 
 def _weighted_fwd(q, k, v, key_weight, scale):
-    return weighted_decode_attention(q, k, v, key_weight, scale), (q, k, v, key_weight)
+    out = decode_forward(q, k, v, key_weight, scale=scale, heads_first=True)
+    return out, (q, k, v, key_weight)
 
 
 def _weighted_bwd(scale, residuals, cotangents):

@@ -38,7 +38,9 @@ def flash_attention(q, k, v, *, causal: bool = False, window=None, scale=None,
     deterministic = check_bool("deterministic", deterministic)
     left, right = check_window(window)
     scale = check_scale(scale, dims.D)
-    targets = [ffi.FWD_TARGET, ffi.BWD_TARGET] + ([decode.TARGET] if dims.T == 1 else [])
+    targets = [ffi.FWD_TARGET, ffi.BWD_TARGET]
+    if ffi.runs_decode_kernel(dims.T, dims.D, dims.Dv):
+        targets.append(decode.TARGET)
     impl = _ffi.resolve_implementation(implementation, targets,
                                       _ffi.cuda_unsupported(q.dtype, dims.D, dims.Dv))
     if impl == "xla":

@@ -10,12 +10,18 @@ FWD_TARGET = "jax_sparsek_flash_fwd"
 BWD_TARGET = "jax_sparsek_flash_bwd"
 
 
+def runs_decode_kernel(T: int, D: int, Dv: int) -> bool:
+    """Whether the forward runs the decode kernel (one query row; it takes Dv == D only)."""
+    return T == 1 and Dv == D
+
+
 def flash_attention(q, k, v, *, causal: bool, window: tuple[int, int], scale: float,
                     deterministic: bool):
     """Arguments already validated; `window` = (left, right) with -1 for an unbounded side."""
     decode_key_begin = None
-    if q.shape[1] == 1 and v.shape[3] == q.shape[3]:  # decoding: the query sits at S - 1,
-        # after every key (causal or not), so only the window's left edge masks keys
+    if runs_decode_kernel(q.shape[1], q.shape[3], v.shape[3]):
+        # Decoding: the query sits at S - 1, after every key (causal or not), so only the
+        # window's left edge masks keys.
         decode_key_begin = max(0, k.shape[1] - 1 - window[0]) if window[0] >= 0 else 0
     kernel = AttentionKernel(
         FWD_TARGET, BWD_TARGET,

@@ -269,16 +269,19 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
     weakest = jnp.argmin(jnp.where(sel_u == weakest_u[..., None], sel_p, jnp.iinfo(jnp.int32).max),
                          axis=-1)
     enters = arrives & (cand_u >= weakest_u)
-    row = jax.nn.one_hot(weakest, cfg.k_select, dtype=jnp.bool_) & enters[..., None]
-    # K/V rows by a scatter of one row per (batch, kv head): in place wherever XLA may reuse
-    # the cache's buffer (the carry of decode's scan, a donated cache), not a pass over it.
+    # A scatter of one row per (batch, kv head): in place wherever XLA may reuse the cache's
+    # buffers (the carry of decode's scan, a donated cache), not a pass over them.
     b, kv = jnp.meshgrid(jnp.arange(sel_u.shape[0]), jnp.arange(sel_u.shape[1]), indexing="ij")
-    replace_row = lambda rows, new: rows.at[b, kv, weakest].set(
-        jnp.where(enters[..., None], new, rows[b, kv, weakest]))
+
+    def replace_row(rows, new):  # rows [B, K, k_select, ...], new [B, K, ...]
+        old = rows[b, kv, weakest]
+        keep_old = ~enters.reshape(enters.shape + (1,) * (old.ndim - enters.ndim))
+        return rows.at[b, kv, weakest].set(jnp.where(keep_old, old, new))
+
     select_k = replace_row(cache.select_k, cand_k)
     select_v = replace_row(cache.select_v, cand_v)
-    select_score = jnp.where(row, cand_u[..., None], sel_u)
-    select_pos = jnp.where(row, cand_pos, sel_p)
+    select_score = replace_row(sel_u, cand_u)
+    select_pos = replace_row(sel_p, jnp.broadcast_to(cand_pos, enters.shape).astype(sel_p.dtype))
 
     # Score buffer: holds every candidate above the last tau. A newcomer at or below tau can
     # never carry mass (tau only grows), so it is not stored.
@@ -311,13 +314,13 @@ def _cache_attention(q, parts, scale: float, implementation: Optional[str] = Non
     parts."""
     dtype, D = parts[0][0].dtype, q.shape[-1]
     impl = _ffi.resolve_implementation(implementation, [decode_attention.TARGET],
-                                       _ffi.cuda_unsupported(dtype, D))
+                                       _ffi.cuda_unsupported(dtype, D, D))
     if impl == "xla":
         k, v, gate = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
         return decode_attention.reference(q.astype(jnp.float32), k, v, gate, scale=scale,
                                           heads_first=True)[0]
-    outs = [decode_attention.weighted_decode_attention(q.astype(dtype), k, v, gate, scale)
-            for k, v, gate in parts]
+    q = q.astype(dtype)
+    outs = [decode_attention.weighted_decode_attention(q, k, v, gate, scale) for k, v, gate in parts]
     lse = jnp.stack([part_lse for _, part_lse in outs])  # [parts, B, N, 1]
     top = jnp.max(lse, axis=0)
     share = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)

@@ -141,11 +141,36 @@ def test_reference_on_a_slice_is_the_slice_of_the_reference():
         np.testing.assert_allclose(grads1[n], full[n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("spec,hard", [
+    (AttentionSpec(B=1, T=300, S=340, N=2, D=8, causal=True, k_select=20, sparsek_window=16), False),
+    (AttentionSpec(B=1, T=300, S=340, N=2, D=8, causal=True, k_select=20, sparsek_window=16), True),
+    (AttentionSpec(B=1, T=300, S=340, N=2, D=8, causal=True), False),
+])
+def test_reference_in_query_blocks_is_the_whole_reference(spec, hard):
+    # A small budget splits the queries into blocks: the forward keeps the last block's rows,
+    # the backward sums k, v (and scores) gradients over the blocks.
+    a = _inputs(spec, 6)
+    do = np.random.default_rng(2).standard_normal((1, 300, 2, 8)).astype(np.float32)
+    target = problems.Target(spec, hard_selection=hard)
+    grad_args = ("q", "k", "v", "scores") if spec.k_select else ("q", "k", "v")
+    budget = 2 * 340 * 2 * 80  # about 80 queries a block
+    assert len(problems.query_blocks(target, 1, spec.k, True, budget)) > 1
+    o, grads = problems.reference(target, a, do, grad_args)
+    o_blocked, grads_blocked = problems.reference(target, a, do, grad_args, budget=budget)
+    np.testing.assert_allclose(o_blocked, o, rtol=1e-5, atol=1e-6)
+    for n in grads:
+        np.testing.assert_allclose(grads_blocked[n], grads[n], rtol=1e-5, atol=1e-6, err_msg=n)
+    o_last, _ = problems.reference(target, a, None, grad_args, budget=budget)
+    np.testing.assert_allclose(o_last, o[:, 300 - o_last.shape[1]:], rtol=1e-5, atol=1e-6)
+    assert o_last.shape[1] < 300
+
+
 def test_table_ratio_to_best_peer():
     env = {"device": "cpu", "jax": "0", "date": "2026-01-01", "commit": None}
     target = problems.Target(AttentionSpec(B=1, T=8, N=1, D=8))
     recs = [runner.record("p", target, impl, "fwd", ms, 1e-3, env)
-            for impl, ms in (("jax_sparsek", 1.0), ("jax.nn[xla]", 4.0), ("torch.flex", 2.0))]
+            for impl, ms in (("jax_sparsek", 1.0), ("jax.nn[xla]", 4.0), ("torch.flex", 2.0),
+                             (report.DETERMINISTIC, 0.5))]  # ours: no peer
     lines = report.table(recs).splitlines()
     assert lines[2].split()[-2] == "0.50" and lines[3].split()[-2] == "2.00"
     assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"

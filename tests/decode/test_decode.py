@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jax_sparsek import decode
-from jax_sparsek.testing import assert_close, assert_custom_call, upcast
+from jax_sparsek.testing import assert_close, assert_custom_call, hlo_text, upcast
 
 
 def make_case(B, R, N, K, D, dtype, heads_first, weighted, seed):
@@ -86,7 +86,7 @@ def test_the_cache_attention_follows_the_implementation_switch():
            for impl in ("ffi", "xla")}
     assert_close(fns["ffi"](q, parts), fns["xla"](q, parts), "float32")
     assert_custom_call(fns["ffi"], q, parts, target=decode.TARGET)
-    assert decode.TARGET not in jax.jit(fns["xla"]).lower(q, parts).as_text()
+    assert decode.TARGET not in hlo_text(fns["xla"], q, parts)
 
 
 def test_weighted_decode_gradients_match_reference():
@@ -115,25 +115,23 @@ def test_splits_fill_the_gpu_and_keep_splits_long():
 
 def test_the_kernel_returns_errors_not_aborts():
     q, k, v, _ = make_case(1, 32, 4, 2, 16, "float32", True, False, 0)
-    bad = jax.ffi.ffi_call(decode.TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                           jax.ShapeDtypeStruct((1, 4, 1), jnp.float32),
-                                           jax.ShapeDtypeStruct((1, 4, 1, 16), jnp.float32)))
-    with pytest.raises(Exception, match="partials must have shape"):
-        bad(q, k, v, jnp.zeros((1, 2, 0), jnp.float32), scale=np.float32(0.25),
-            key_begin=np.int64(0), heads_first=True)
-    with pytest.raises(Exception, match=r"splits in \[1, 1\]"):  # 32 entries: one split at most
-        jax.ffi.ffi_call(decode.TARGET, (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                                         jax.ShapeDtypeStruct((1, 4, 1), jnp.float32),
-                                         jax.ShapeDtypeStruct((1, 4, 2, 17), jnp.float32)))(
+
+    def call(q, lse_shape, partials_shape):  # a hand-built call, results as given
+        results = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct(lse_shape, jnp.float32),
+                   jax.ShapeDtypeStruct(partials_shape, jnp.float32))
+        return jax.ffi.ffi_call(decode.TARGET, results)(
             q, k, v, jnp.zeros((1, 2, 0), jnp.float32), scale=np.float32(0.25),
             key_begin=np.int64(0), heads_first=True)
-    two_queries = jnp.concatenate([q, q], axis=1)
+
+    with pytest.raises(Exception, match="partials must have shape"):
+        call(q, (1, 4, 1), (1, 4, 1, 16))
+    with pytest.raises(Exception, match=r"splits in \[1, 1\]"):  # 32 entries: one split at most
+        call(q, (1, 4, 1), (1, 4, 2, 17))
     with pytest.raises(Exception, match="one query per sequence"):
-        jax.ffi.ffi_call(decode.TARGET, (jax.ShapeDtypeStruct(two_queries.shape, q.dtype),
-                                         jax.ShapeDtypeStruct((1, 4, 2), jnp.float32),
-                                         jax.ShapeDtypeStruct((1, 4, 1, 17), jnp.float32)))(
-            two_queries, k, v, jnp.zeros((1, 2, 0), jnp.float32), scale=np.float32(0.25),
-            key_begin=np.int64(0), heads_first=True)
+        call(jnp.concatenate([q, q], axis=1), (1, 4, 2), (1, 4, 1, 17))
+    with pytest.raises(Exception, match="lse must have shape"):
+        call(q, (1, 4, 2), (1, 4, 1, 17))
 
 
 @pytest.mark.gpu

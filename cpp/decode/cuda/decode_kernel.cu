@@ -6,7 +6,8 @@
 #include <cmath>
 
 #include "decode/cuda/decode_kernel.h"
-#include "flash_attention/cuda/attention_kernels.h"  // kLog2e
+#include "decode/splits.h"
+#include "flash_attention/cuda/attention_kernels.h"  // kLog2e, kLn2
 #include "flash_attention/cuda/ptx.cuh"
 
 namespace jax_sparsek::cuda::decode {
@@ -15,9 +16,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kHeadsPerCta = 4;  // query heads sharing each K/V load
 constexpr int kUnroll = 4;       // rows of K and of V in flight per lane
-constexpr int kSplitAlign = 64;  // split lengths are multiples of this many entries
+constexpr int kSplitAlign = int(jax_sparsek::decode::kSplitEntries);  // the handlers' bound
 constexpr int kMinCtasPerSm = 4;  // 16 warps an SM: at most 128 registers a thread
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <bool kBf16>
 __device__ __forceinline__ void unpack8(const uint4& x, float (&f)[8]) {

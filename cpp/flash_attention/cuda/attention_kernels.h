@@ -15,6 +15,7 @@ namespace jax_sparsek::cuda {
 
 // log2(e): the kernels run softmax in base 2, exp(x) = exp2(x * kLog2e).
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;  // and back: the lse outputs are natural logs
 
 // Shapes of one attention call; layouts are q/o [B,T,N,D], k/v [B,S,K,D], lse [B,N,T].
 struct AttentionDims {

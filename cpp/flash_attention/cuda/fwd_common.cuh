@@ -120,6 +120,17 @@ __device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)
   softmax_update_log2(s, m_run, l_run, alpha);
 }
 
+// This warp's 16 rows of the Q tile at q_s (kBM rows, tile format) as A fragments for add_qk.
+template <int D, int kBM>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint32_t q_s, int warp,
+                                                 int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldsm_x4(qf[kk], tile_addr(q_s, kBM, warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                              kk * 16 + (lane / 16) * 8));
+  }
+}
+
 // S += Q K^T for this warp's 16 rows (Q as A fragments in registers) and the kBN x D key tile
 // at k_s (tile format).
 template <bool kBf16, int D, int kBN>
@@ -180,7 +191,7 @@ __device__ __forceinline__ void finalize_rows(const float (&m_run)[2], const flo
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     inv[ri] = l > 0.f ? 1.f / l : 0.f;
-    lse[ri] = l > 0.f ? (m_run[ri] + __log2f(l)) * 0.6931471805599453f : -INFINITY;
+    lse[ri] = l > 0.f ? (m_run[ri] + __log2f(l)) * kLn2 : -INFINITY;
   }
 }
 

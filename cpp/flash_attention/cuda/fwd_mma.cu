@@ -70,11 +70,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
   uint32_t qf[D / 16][4];
   if (n_cur < range.end) {
     mbar_wait(bar_q, 0);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      ldsm_x4(qf[kk], tile_addr(sQ, kBM, warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                kk * 16 + (lane / 16) * 8));
-    }
+    load_q_fragments<D, kBM>(qf, sQ, warp, lane);
   }
 
   for (int it = 0; n_cur < range.end; ++it) {

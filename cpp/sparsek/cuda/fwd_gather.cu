@@ -113,11 +113,7 @@ __global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdPar
     float s[kBN / 8][4] = {};
     {
       uint32_t qf[D / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        ldsm_x4(qf[kk], tile_addr(sQ, kBM, warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                  kk * 16 + (lane / 16) * 8));
-      }
+      load_q_fragments<D, kBM>(qf, sQ, warp, lane);
       add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
     }
 

@@ -148,6 +148,17 @@ __global__ void __launch_bounds__(256)
 }
 
 // ---- block scans --------------------------------------------------------------------------------
+// Inclusive sum of x over the lanes up to this one.
+__device__ __forceinline__ double WarpInclusiveSum(double x) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const double other = __shfl_up_sync(0xffffffffu, x, d);
+    if (lane >= d) x += other;
+  }
+  return x;
+}
+
 // The two builds below scan a row in tiles of a block's threads: (count, score sum) per warp,
 // then per warp the totals before it (added to *count_before / *sum_before, which hold the
 // previous tiles' totals on entry) and the tile's totals. Every thread of the block (kWarps
@@ -232,12 +243,7 @@ __global__ void __launch_bounds__(kBuildThreads, 2) build_wavelet_kernel(const B
         const int x = warp_first + w * 32 + lane;
         const bool one = x < S && b.is_one(rank[w]);
         bits[w] = __ballot_sync(0xffffffffu, one);
-        double inclusive = x < S && !one ? double(su[rank[w]]) : 0.0;
-#pragma unroll
-        for (int d = 1; d < 32; d *= 2) {
-          const double other = __shfl_up_sync(0xffffffffu, inclusive, d);
-          if (lane >= d) inclusive += other;
-        }
+        const double inclusive = WarpInclusiveSum(x < S && !one ? double(su[rank[w]]) : 0.0);
         const double exclusive = __shfl_up_sync(0xffffffffu, inclusive, 1);
         zero_sum_before[w] = warp_zero_total + (lane > 0 ? exclusive : 0.0);
         ones_before_word[w] = warp_ones_total;
@@ -291,12 +297,7 @@ __global__ void __launch_bounds__(kPrefixThreads)
     const int r = base + threadIdx.x;
     const bool in = r < S && keys[r] < n_base;
     const uint32_t ballot = __ballot_sync(0xffffffffu, in);
-    double sum = in ? double(su[r]) : 0.0;  // inclusive scan within the warp
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const double other = __shfl_up_sync(0xffffffffu, sum, d);
-      if (lane >= d) sum += other;
-    }
+    const double sum = WarpInclusiveSum(in ? double(su[r]) : 0.0);
     int count_before = count_carry, tile_count;
     double sum_before = sum_carry, tile_sum;
     ScanWarpTotals<kPrefixWarps>(__popc(ballot), __shfl_sync(0xffffffffu, sum, 31), &count_before,

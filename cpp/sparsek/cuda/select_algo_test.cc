@@ -284,6 +284,10 @@ int main() {
     }
     CheckRow(u, T, k, window, causal, kinds[kind], &st);
   }
+  if (st.prefix_queries == 0) {  // the prefix path must be exercised
+    ++st.fails;
+    std::printf("FAIL no query ran on the prefix sums\n");
+  }
   std::printf("select_algo_test: %ld queries (%ld tau bit-exact, worst relative error %.3g; "
               "%ld also on prefix sums), %ld tile lists, %ld failures\n",
               st.queries, st.exact_tau, st.worst_rel, st.prefix_queries, st.lists, st.fails);
