@@ -1,8 +1,8 @@
 """SparseK attention through the FFI kernels: select, forward and backward targets and the
 custom_vjp tying them. Two pipelines with the same math:
 - "cpu" (contracts in cpp/sparsek/sparsek_ffi.cc): select gives tau and kth per query;
-- "cuda" (cpp/sparsek/cuda/ffi_handlers.cu): select also lists, per tile of 64 queries, the
-  keys the tile selects, which the forward and backward gather, and ranks every key by score
+- "cuda" (cpp/sparsek/cuda/ffi_handlers.cu): select also lists, per tile of 128 queries,
+  the keys the tile selects, which the forward and backward gather, and ranks every key by score
   (one compare decides whether a query selects a listed key); workspaces are results.
 
 The selection runs once, in the same call as the forward, and is saved for the backward with
@@ -28,7 +28,7 @@ CUDA_SELECT_TARGET = "jax_sparsek_sparsek_select_cuda"
 CUDA_FWD_TARGET = "jax_sparsek_sparsek_fwd_cuda"
 CUDA_BWD_TARGET = "jax_sparsek_sparsek_bwd_cuda"
 CUDA_TARGETS = (CUDA_SELECT_TARGET, CUDA_FWD_TARGET, CUDA_BWD_TARGET)
-TILE_QUERIES = 64  # queries per key list (kTileQueries in cpp/sparsek/cuda/sparsek_kernels.h)
+TILE_QUERIES = 128  # queries per key list (kTileQueries in cpp/sparsek/cuda/sparsek_kernels.h)
 
 
 def targets_for(platform: str) -> tuple[str, ...]:

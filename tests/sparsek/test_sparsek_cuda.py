@@ -32,6 +32,9 @@ CONFIGS = {
     "decode-long": (1, 1, 40000, 4, 2, 64, 300, 64, True),
     "prefix-edge": (1, 65, 3000, 2, 1, 64, 200, 32, True),
     "wavelet-edge": (1, 66, 3000, 2, 1, 64, 200, 32, True),
+    # Several window chunks and several list chunks per 128-query tile in the forward.
+    "many-chunks": (1, 700, 700, 4, 2, 128, 200, 160, True),
+    "noncausal-wide": (1, 300, 400, 2, 1, 64, 150, 100, False),
 }
 # Selection only: 4096, 2048 and 1024 tile lists (B * K * tiles), which the list kernel builds
 # with 1, 2 and 4 warps each (the configs above, with fewer lists: 8).

@@ -1,9 +1,11 @@
-// Pieces both forward kernels share: kernel parameters and the online softmax over a tile of
-// scores held in the tensor-core accumulator layout (mma.sync m16n8 and wgmma m64nN agree:
+// Pieces the forward kernels share (fwd_mma.cu, fwd_wgmma.cu, SparseK's fwd_gather.cu): kernel
+// parameters and the online softmax over a tile of scores held in the tensor-core accumulator
+// layout (mma.sync m16n8 and wgmma m64nN agree:
 // a thread holds rows g and g + 8 of its warp's 16 rows, columns 8 * j + 2 * (lane % 4) + {0, 1}).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_kernels.h"
 #include "masking.cuh"
@@ -72,12 +74,14 @@ __device__ __forceinline__ void mask_tile(float (&s)[NB][4], const RowMasks& rm,
 // seen): replaces them by exp2(s - m_new) and returns alpha = exp2(m_old - m_new) per row for
 // rescaling O. l_run stays a per-thread partial sum (reduced across the quad once, in
 // finalize_rows). Rows with no visible key so far keep m = -inf and produce p = 0, never NaN.
-// With `weight` (in [0, 1]; SparseK's gates), p = weight * exp2(s - m_new): the max is taken
-// over the unweighted scores, which keeps p <= 1 and costs no log2 per element.
-template <int NB>
+// With a `weight` (weight(j, v) in [0, 1] for s[j][v]; SparseK's gates),
+// p = weight * exp2(s - m_new): the max is taken over the unweighted scores, which keeps p <= 1
+// and costs no log2 per element.
+struct NoWeight {};
+template <int NB, typename Weight = NoWeight>
 __device__ __forceinline__ void softmax_update_log2(float (&s)[NB][4], float (&m_run)[2],
                                                     float (&l_run)[2], float (&alpha)[2],
-                                                    const float (*weight)[4] = nullptr) {
+                                                    Weight weight = {}) {
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     float mx = -INFINITY;
@@ -94,9 +98,9 @@ __device__ __forceinline__ void softmax_update_log2(float (&s)[NB][4], float (&m
     for (int j = 0; j < NB; ++j) {
       s[j][2 * ri] = fast_exp2(s[j][2 * ri] - m_use);
       s[j][2 * ri + 1] = fast_exp2(s[j][2 * ri + 1] - m_use);
-      if (weight) {
-        s[j][2 * ri] *= weight[j][2 * ri];
-        s[j][2 * ri + 1] *= weight[j][2 * ri + 1];
+      if constexpr (!std::is_same_v<Weight, NoWeight>) {
+        s[j][2 * ri] *= weight(j, 2 * ri);
+        s[j][2 * ri + 1] *= weight(j, 2 * ri + 1);
       }
       sum += s[j][2 * ri] + s[j][2 * ri + 1];
     }
@@ -120,35 +124,6 @@ __device__ __forceinline__ void softmax_update(float (&s)[NB][4], float (&m_run)
   softmax_update_log2(s, m_run, l_run, alpha);
 }
 
-// This warp's 16 rows of the Q tile at q_s (kBM rows, tile format) as A fragments for add_qk.
-template <int D, int kBM>
-__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint32_t q_s, int warp,
-                                                 int lane) {
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldsm_x4(qf[kk], tile_addr(q_s, kBM, warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                              kk * 16 + (lane / 16) * 8));
-  }
-}
-
-// S += Q K^T for this warp's 16 rows (Q as A fragments in registers) and the kBN x D key tile
-// at k_s (tile format).
-template <bool kBf16, int D, int kBN>
-__device__ __forceinline__ void add_qk(float (&s)[kBN / 8][4], const uint32_t (&qf)[D / 16][4],
-                                       uint32_t k_s, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-    for (int np = 0; np < kBN / 16; ++np) {
-      uint32_t kb[4];
-      ldsm_x4(kb, tile_addr(k_s, kBN, np * 16 + (lane / 16) * 8 + (lane % 8),
-                            kk * 16 + ((lane / 8) % 2) * 8));
-      mma_16816<kBf16>(s[2 * np], qf[kk], kb[0], kb[1]);
-      mma_16816<kBf16>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
-    }
-  }
-}
-
 // O *= alpha per row (the online softmax's correction when a row's maximum grows).
 template <int D>
 __device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (&alpha)[2]) {
@@ -158,27 +133,6 @@ __device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (
     o[nb][1] *= alpha[0];
     o[nb][2] *= alpha[1];
     o[nb][3] *= alpha[1];
-  }
-}
-
-// O = alpha * O + P V for this warp's 16 rows: P (16 x kBN probabilities in the accumulator
-// layout, converted to 16-bit A fragments) times the kBN x D value tile at v_s (tile format).
-template <bool kBf16, int D, int kBN>
-__device__ __forceinline__ void rescale_and_add_pv(float (&o_acc)[D / 8][4], const float (&s)[kBN / 8][4],
-                                                   const float (&alpha)[2], uint32_t v_s, int lane) {
-  rescale_rows<D>(o_acc, alpha);
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-    uint32_t a[4];
-    pack_a<kBf16>(a, s, kk);
-#pragma unroll
-    for (int np = 0; np < D / 16; ++np) {
-      uint32_t vb[4];
-      ldsm_x4_trans(vb, tile_addr(v_s, kBN, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                  np * 16 + (lane / 16) * 8));
-      mma_16816<kBf16>(o_acc[2 * np], a, vb[0], vb[1]);
-      mma_16816<kBf16>(o_acc[2 * np + 1], a, vb[2], vb[3]);
-    }
   }
 }
 

@@ -11,6 +11,56 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64, kThreads = 128;
 
+// This warp's 16 rows of the Q tile at q_s (tile format) as A fragments for add_qk.
+template <int D>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], uint32_t q_s, int warp,
+                                                 int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldsm_x4(qf[kk], tile_addr(q_s, kBM, warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                              kk * 16 + (lane / 16) * 8));
+  }
+}
+
+// S += Q K^T for this warp's 16 rows (Q as A fragments in registers) and the kBN x D key tile
+// at k_s (tile format).
+template <bool kBf16, int D>
+__device__ __forceinline__ void add_qk(float (&s)[kBN / 8][4], const uint32_t (&qf)[D / 16][4],
+                                       uint32_t k_s, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < kBN / 16; ++np) {
+      uint32_t kb[4];
+      ldsm_x4(kb, tile_addr(k_s, kBN, np * 16 + (lane / 16) * 8 + (lane % 8),
+                            kk * 16 + ((lane / 8) % 2) * 8));
+      mma_16816<kBf16>(s[2 * np], qf[kk], kb[0], kb[1]);
+      mma_16816<kBf16>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+    }
+  }
+}
+
+// O = alpha * O + P V for this warp's 16 rows: P (16 x kBN probabilities in the accumulator
+// layout, converted to 16-bit A fragments) times the kBN x D value tile at v_s (tile format).
+template <bool kBf16, int D>
+__device__ __forceinline__ void rescale_and_add_pv(float (&o_acc)[D / 8][4], const float (&s)[kBN / 8][4],
+                                                   const float (&alpha)[2], uint32_t v_s, int lane) {
+  rescale_rows<D>(o_acc, alpha);
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    uint32_t a[4];
+    pack_a<kBf16>(a, s, kk);
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t vb[4];
+      ldsm_x4_trans(vb, tile_addr(v_s, kBN, kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                  np * 16 + (lane / 16) * 8));
+      mma_16816<kBf16>(o_acc[2 * np], a, vb[0], vb[1]);
+      mma_16816<kBf16>(o_acc[2 * np + 1], a, vb[2], vb[3]);
+    }
+  }
+}
+
 template <int D>
 constexpr int SmemBytes() {
   return 1024 + kBM * D * 2 + 4 * kBN * D * 2 + 64;  // align slack, Q, K[2], V[2], barriers
@@ -70,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
   uint32_t qf[D / 16][4];
   if (n_cur < range.end) {
     mbar_wait(bar_q, 0);
-    load_q_fragments<D, kBM>(qf, sQ, warp, lane);
+    load_q_fragments<D>(qf, sQ, warp, lane);
   }
 
   for (int it = 0; n_cur < range.end; ++it) {
@@ -80,13 +130,13 @@ __global__ void __launch_bounds__(kThreads) fwd_mma_kernel(const __grid_constant
 
     // S = Q K^T for this warp's 16 rows x 64 keys.
     float s[kBN / 8][4] = {};
-    add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
+    add_qk<kBf16, D>(s, qf, k_s, lane);
 
     const int c0 = n_cur * kBN;
     const bool partial = tile_status(p.mask, mask, r0, kBM, c0, kBN) == kTilePartial;
     float alpha[2];
     softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, partial, row_masks, c0 + 2 * t4);
-    rescale_and_add_pv<kBf16, D, kBN>(o_acc, s, alpha, v_s, lane);
+    rescale_and_add_pv<kBf16, D>(o_acc, s, alpha, v_s, lane);
 
     __syncthreads();  // every warp is done with this stage: refill it
     const int n_after = n_next < range.end ? next_tile(n_next + 1) : range.end;

@@ -11,15 +11,14 @@
 // runs under the other's GEMMs. The epilogue stages O in the consumer's own Q rows and
 // writes it with a TMA store.
 #include "attention_kernels.h"
-#include "fwd_common.cuh"
-#include "ptx.cuh"
-#include "wgmma.cuh"
+#include "fwd_wgmma.cuh"
 
 namespace jax_sparsek::cuda {
 namespace {
 
-constexpr int kBM = 128, kBN = 128, kThreads = 384;
+constexpr int kBM = kWgmmaRows, kBN = kWgmmaKeys, kThreads = 384;
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(RegisterSplitFits(kProducerRegs, kConsumerRegs));
 // Named barrier ids: 1 + c = consumer c's turn to issue GEMMs; 3 + c = consumer c's epilogue.
 constexpr int kBarTurn = 1, kBarEpilogue = 3;
 
@@ -31,55 +30,6 @@ struct Smem {
   static constexpr uint32_t kTileInfo = kBars + 9 * 8;     // int[2]: the key tile in each stage
   static constexpr int kBytes = 1024 + kTileInfo + 2 * 4;
 };
-
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
-}
-template <int kRegs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
-}
-
-// S = Q K^T for one consumer: 64 rows of Q (q_rows: this consumer's rows in panel 0) times
-// the 128-key tile, D/16 wgmmas, one commit group.
-template <bool kBf16, int D>
-__device__ __forceinline__ void issue_qk(float (&s)[kBN / 8][4], uint32_t q_rows, uint32_t k_tile) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const uint32_t koff = (kk / 4) * kBN * 128 + (kk % 4) * 32;  // panel, 16-column step
-    const uint64_t da = wgmma_desc(q_rows + (kk / 4) * kBM * 128 + (kk % 4) * 32, 16, 1024);
-    const uint64_t db = wgmma_desc(k_tile + koff, 16, 1024);
-    wgmma_m64n128k16_ss<kBf16>(reinterpret_cast<float(&)[kBN / 2]>(s), da, db, kk > 0);
-  }
-  wgmma_commit();
-}
-
-// O += P V: P (64 x 128, registers) times the 128 x D value tile (MN-major: one key per
-// 128-byte row, D/64 panels kBN * 128 bytes apart).
-template <bool kBf16, int D>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 8][4], uint32_t (&pf)[kBN / 16][4],
-                                         uint32_t v_tile) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) {
-    const uint64_t db = wgmma_desc(v_tile + kk * 16 * 128, kBN * 128, 1024);
-    if constexpr (D == 128) {
-      wgmma_m64n128k16_rs<kBf16>(reinterpret_cast<float(&)[64]>(o), pf[kk], db, 1);
-    } else {
-      wgmma_m64n64k16_rs<kBf16>(reinterpret_cast<float(&)[32]>(o), pf[kk], db, 1);
-    }
-  }
-  wgmma_commit();
-}
-
-// Accumulator-layout probabilities -> A-operand fragments (16 keys per wgmma k-step).
-template <bool kBf16>
-__device__ __forceinline__ void convert_p(const float (&s)[kBN / 8][4], uint32_t (&pf)[kBN / 16][4]) {
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) pack_a<kBf16>(pf[kk], s, kk);
-}
 
 template <bool kBf16, int D>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -153,95 +103,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t q_rows = sQ + c * 64 * 128;
 
   float o[D / 8][4] = {};
-  float s[kBN / 8][4];
-  uint32_t pf[kBN / 16][4];
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
-  const int my_turn = kBarTurn + c, other_turn = kBarTurn + (1 - c);
-
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   if (next_key_tile(p.mask, mask, r0, kBM, kBN, range.first, range.end) < range.end) {
     const RowMasks row_masks(p.mask, mask, row_a);
-    if (pingpong && c == 1) named_bar_arrive(kBarTurn, 256);  // consumer 0 goes first
-    mbar_wait(bar_q, 0);
-
-    // Tile 0: S_0 only.
-    mbar_wait(k_full, 0);
-    int tile = tile_info[0];  // 2 n + partial
-    if (pingpong) named_bar_sync(my_turn, 256);
-    issue_qk<kBf16, D>(s, q_rows, sK);
-    if (pingpong) named_bar_arrive(other_turn, 256);
-    wgmma_wait<0>();
-    fence_regs(reinterpret_cast<float(&)[kBN / 2]>(s));
-    mbar_arrive(k_empty);
-    softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, tile & 1, row_masks,
-                            (tile >> 1) * kBN + 2 * t4);
-    convert_p<kBf16>(s, pf);
-
-    int it = 1;
-    for (;; ++it) {
-      const int stage = it & 1, prev = stage ^ 1;
-      mbar_wait(k_full + 8 * stage, (it >> 1) & 1);
-      tile = tile_info[stage];
-      if (tile < 0) break;  // no more key tiles
-      if (pingpong) named_bar_sync(my_turn, 256);
-      issue_qk<kBf16, D>(s, q_rows, sK + stage * L::kTileBytes);
-      rescale_rows<D>(o, alpha);
-      mbar_wait(v_full + 8 * prev, ((it - 1) >> 1) & 1);
-      issue_pv<kBf16, D>(o, pf, sV + prev * L::kTileBytes);
-      if (pingpong) named_bar_arrive(other_turn, 256);
-
-      wgmma_wait<1>();  // S_i is done; P_{i-1} V_{i-1} may still run
-      fence_regs(reinterpret_cast<float(&)[kBN / 2]>(s));
-      mbar_arrive(k_empty + 8 * stage);
-      softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, tile & 1, row_masks,
-                              (tile >> 1) * kBN + 2 * t4);
-      wgmma_wait<0>();
-      fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-      fence_regs(reinterpret_cast<uint32_t(&)[kBN / 4]>(pf));
-      mbar_arrive(v_empty + 8 * prev);
-      convert_p<kBf16>(s, pf);
-    }
-
-    // Last P V.
-    const int last = (it - 1) & 1;
-    if (pingpong) named_bar_sync(my_turn, 256);
-    rescale_rows<D>(o, alpha);
-    mbar_wait(v_full + 8 * last, ((it - 1) >> 1) & 1);
-    issue_pv<kBf16, D>(o, pf, sV + last * L::kTileBytes);
-    if (pingpong && c == 0) named_bar_arrive(other_turn, 256);  // consumer 1 issues last
-    wgmma_wait<0>();
-    fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-    fence_regs(reinterpret_cast<uint32_t(&)[kBN / 4]>(pf));
-    mbar_arrive(v_empty + 8 * last);
+    // Each stage's tile index and status come with its K (tile_info, published by the arrive
+    // on k_full); -1 ends the loop.
+    int tile = 0;  // 2 n + partial
+    auto steps = mainloop_steps(
+        [&](int it) {
+          mbar_wait(k_full + 8 * (it & 1), (it >> 1) & 1);
+          tile = tile_info[it & 1];
+          return tile >= 0;
+        },
+        [&](int it, float(&s)[kBN / 8][4], float(&alpha)[2]) {
+          mbar_arrive(k_empty + 8 * (it & 1));
+          softmax_update<kBN / 8>(s, m_run, l_run, alpha, p.scale_log2, tile & 1, row_masks,
+                                  (tile >> 1) * kBN + 2 * t4);
+        },
+        [&](int it) { mbar_wait(v_full + 8 * (it & 1), (it >> 1) & 1); },
+        [&](int it) { mbar_arrive(v_empty + 8 * (it & 1)); });
+    consumer_mainloop<kBf16, D>(o, steps, bar_q, q_rows, sK, sV, L::kTileBytes, c, pingpong != 0,
+                                kBarTurn);
   }
 
   // ---------------- epilogue ----------------
-  float inv[2], lse[2];
-  finalize_rows(m_run, l_run, inv, lse);
-  // Stage O (16-bit) in this consumer's own Q rows, in the swizzled tile format, then TMA-store.
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int r = c * 64 + warp_c * 16 + g + 8 * ri;
-      const uint32_t addr = tile_addr(sQ, kBM, r, 8 * j) + 4 * t4;
-      const uint32_t val = pack2<kBf16>(o[j][2 * ri] * inv[ri], o[j][2 * ri + 1] * inv[ri]);
-      asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(val) : "memory");
-    }
-  }
-  fence_proxy_async();
-  named_bar_sync(kBarEpilogue + c, 128);
-  if (tid_c == 0) {
-#pragma unroll
-    for (int pnl = 0; pnl < D / 64; ++pnl) {
-      tma_store_4d(&tm_o, q_rows + pnl * kBM * 128, pnl * 64, r0 + c * 64, h, b);
-    }
-    tma_store_commit_and_wait();
-  }
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int row = row_a + 8 * ri;
-    if (t4 == 0 && row < p.mask.T) p.lse[(int64_t(b) * p.N + h) * p.mask.T + row] = lse[ri];
-  }
+  store_o_tile<kBf16, D>(o, m_run, l_run, sQ, c, tid_c, &tm_o, kBarEpilogue + c, r0, h, b, p.mask.T,
+                         p.lse + (int64_t(b) * p.N + h) * p.mask.T);
 }
 
 template <bool kBf16, int D>

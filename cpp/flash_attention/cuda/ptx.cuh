@@ -154,6 +154,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   }
 }
 
+// Arrives on `bar` once every cp.async this thread issued before it has landed; the arrival
+// counts toward the barrier's expected count (.noinc).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+
 // ---- TMA (bulk tensor copies) -----------------------------------------------------------
 // All tensors are 4-D maps {inner dim, sequence, head, batch} with 128-byte swizzle and
 // 64-element x 64-row boxes (8 KiB).

@@ -6,9 +6,10 @@
 // over the heads of its kv group). Launches, all on one stream, sums in the fp32 / fp64 workspace:
 //   1. window keys: the flash backward (bwd_mma.cu) in its accumulation mode, which writes every
 //      row of dq_accum (unscaled), dk_accum and dv_accum (memset instead when window = 0);
-//   2. gather_bwd_kernel: one CTA per (query tile, query head, batch), 4 warps of 16 query rows
-//      (mma.sync m16n8k16, as fwd_gather.cu). Q and dO of the tile sit in shared memory; the
-//      tile's key list (select.cu) streams in chunks of 64 keys whose K and V rows are gathered
+//   2. gather_bwd_kernel: one CTA per (64 queries, query head, batch), 4 warps of 16 query rows
+//      (mma.sync m16n8k16). Q and dO of the tile sit in shared memory; the key list of the
+//      enclosing 128-query tile (select.cu), less its tail past these queries' candidates,
+//      streams in chunks of 64 keys whose K and V rows are gathered
 //      with cp.async (the next chunk's gather overlaps this chunk's math). Per chunk: S and dP
 //      on tensor cores, gates, P, dS and dm in registers, dq += dS K in registers; P and dS go
 //      to shared memory (16-bit) for dV = P^T dO and dK = scale dS^T Q, which are added to the
@@ -34,10 +35,12 @@
 namespace jax_sparsek::cuda::sparsek {
 namespace {
 
-constexpr int kBM = kTileQueries;  // query rows per CTA, 16 per warp
-constexpr int kBN = kGatherRows;   // gathered keys per chunk
+constexpr int kBM = 64;           // query rows per CTA, 16 per warp
+constexpr int kBN = kGatherRows;  // gathered keys per chunk
 constexpr int kThreads = kGatherThreads;
 static_assert(kBM == kBN && kBM == 16 * (kThreads / 32), "one 16-row slice per warp; square tiles");
+static_assert(kTileQueries % kBM == 0 && kTileQueries - kBM <= kThreads,
+              "a CTA serves part of one list; TrimFrom covers the other queries' tail");
 
 // ---- workspace ----------------------------------------------------------------------------
 struct Workspace {
@@ -73,6 +76,30 @@ Workspace CarveWorkspace(const SparsekDims& d, void* base) {
   w.prefix = static_cast<double*>(take(bk_rows * (size_t(d.T) + 1) * sizeof(double)));
   w.bytes = offset;
   return w;
+}
+
+// The flash backward's arguments for the window part: shapes, window mask, dtype, scale and
+// the tensors; the sums go to the workspace (its accumulation mode).
+BwdArgs WindowPartArgs(const BackwardArgs& a, const Workspace& w) {
+  const SparsekDims& d = a.dims;
+  BwdArgs f;
+  f.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
+  f.mask = WindowMask(d);
+  f.bf16 = a.bf16;
+  f.scale = a.scale;
+  f.q = a.q;
+  f.k = a.k;
+  f.v = a.v;
+  f.o = a.o;
+  f.lse = a.lse;
+  f.do_ = a.do_;
+  f.dq = a.dq;  // holds the flash kernels' delta until step 4 overwrites it
+  f.dk = a.dk;
+  f.dv = a.dv;
+  f.dq_accum = w.dq_accum;
+  f.dk_accum = w.dk_accum;
+  f.dv_accum = w.dv_accum;
+  return f;
 }
 
 // ---- the gather kernel --------------------------------------------------------------------
@@ -187,9 +214,12 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
   const SparsekDims& d = p.dims;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t4 = lane % 4;
-  const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
-  const int r0 = tile * kBM;
-  const TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, tile);
+  const int n = blockIdx.y, b = blockIdx.z, h = n / d.group();
+  const int r0 = blockIdx.x * kBM;
+  TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, r0 / kTileQueries);
+  // Causal: keys past the last query's candidates belong to the list's later queries.
+  const int last_row = min(r0 + kBM, d.T) - 1;
+  list.TrimFrom(QuerySelection::Candidates(last_row, d.T, d.S, d.window, d.causal));
   const int64_t bh = list.bh;
   const int num_chunks = (list.count + kBN - 1) / kBN;
   const float* u_row = list.u;
@@ -201,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
   };
   auto gather_chunk = [&](int stage, int c) {
     list.Gather<D>(d, b, h, c, p.k, p.v, sK + stage * L::kTileBytes, sV + stage * L::kTileBytes,
-                   keys_s + stage * kBN, u_s + stage * kBN, /*rank_dst=*/nullptr);
+                   keys_s + stage * kBN, u_s + stage * kBN);
   };
   if (num_chunks > 0) gather_rows<D>(sQ, p.q, sDO, p.dout, query_offset);  // joins chunk 0's group
   gather_chunk(0, 0);
@@ -486,7 +516,7 @@ cudaError_t LaunchGather(const BackwardArgs& a, const Workspace& w, cudaStream_t
   constexpr int smem = Smem<D>::kBytes;
   cudaError_t err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(d.num_tiles(), d.N, d.B), kThreads, smem, stream>>>(p);
+  kernel<<<dim3((d.T + kBM - 1) / kBM, d.N, d.B), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -521,15 +551,7 @@ cudaError_t LaunchSparsekBackward(const BackwardArgs& a, cudaStream_t stream, st
 
   // 1. Window keys (gate 1), or zero sums.
   if (d.window > 0) {
-    BwdArgs f = WindowPartArgs<BwdArgs>(a);
-    f.do_ = a.do_;
-    f.dq = a.dq;  // holds the flash kernels' delta until step 4 overwrites it
-    f.dk = a.dk;
-    f.dv = a.dv;
-    f.dq_accum = w.dq_accum;
-    f.dk_accum = w.dk_accum;
-    f.dv_accum = w.dv_accum;
-    if ((err = LaunchFlashBackward(f, stream, error)) != cudaSuccess) return err;
+    if ((err = LaunchFlashBackward(WindowPartArgs(a, w), stream, error)) != cudaSuccess) return err;
   } else {
     if ((err = cudaMemsetAsync(w.dq_accum, 0, q_elems * sizeof(float), stream)) != cudaSuccess) return err;
     if ((err = cudaMemsetAsync(w.dk_accum, 0, kv_elems * sizeof(float), stream)) != cudaSuccess) return err;

@@ -5,8 +5,7 @@ tests/sparsek/test_sparsek_cuda.py). Run on an H100 from the repository root aft
     PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py sanitize   # memcheck, racecheck
     PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py time       # the BENCHMARKS presets
 
-`time` reports, per preset, the median of the selection alone, the window part alone (the flash
-kernel the forward runs first), the forward and forward+backward
+`time` reports, per preset, the median of the selection alone, the forward and forward+backward
 next to jax.nn's cuDNN kernel on the same q, k, v (dense causal and the causal sliding window
 with as many keys per query as SparseK attends).
 """
@@ -83,7 +82,7 @@ def median_ms(fn, *args, iters=10):
 def time_presets():
     import jax
     import jax.numpy as jnp
-    from jax_sparsek import flash_attention, sparsek_attention
+    from jax_sparsek import sparsek_attention
     from jax_sparsek.sparsek import ffi as sparsek_ffi
     rows = []
     for name, B, S, N, D, dtype, k_sel, w in PRESETS:
@@ -99,10 +98,8 @@ def time_presets():
         keys = w + k_sel
         window = lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, local_window_size=(keys - 1, 0), implementation="cudnn")
-        window_part = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, window=(w - 1, 0)))
         flops = 4.0 * B * N * S * keys * D
         for label, fn, args in [("selection", sel, (scores,)),
-                                ("window part (flash kernel)", window_part, (q, k, v)),
                                 ("sparsek fwd", ours, (q, k, v, scores)),
                                 ("sparsek fwd+bwd", ours_bwd, (q, k, v, scores)),
                                 ("cudnn causal fwd", jax.jit(dense), (q, k, v)),

@@ -1,18 +1,21 @@
-// SparseK forward on Hopper, in two launches on one stream:
-//   1. the window part: the flash forward kernel (wgmma) with the SparseK window as its mask,
-//      writing o and lse of the window keys alone;
-//   2. fwd_gather_kernel: one CTA per (query tile, query head, batch), 4 warps of 16 rows
-//      (mma.sync m16n8k16, as fwd_mma.cu). It walks its tile's key list (select.cu) in chunks of
-//      64 keys, gathers their K and V rows with cp.async into the swizzled tile format (the next
-//      chunk's gather overlaps this chunk's math), masks the keys a query does not select (one
-//      rank compare), weighs the online softmax's terms by the gates, and merges the
-//      result with the window part's (o, lse) of its rows: two softmaxes over disjoint key sets
-//      combine by their log-sum-exps.
-#include <algorithm>
-
+// SparseK forward on Hopper: one kernel, one CTA per (128-query tile, query head, batch), in
+// the flash forward's design (fwd_wgmma.cu, pieces shared through fwd_wgmma.cuh): three
+// warpgroups,
+//   producer (warpgroup 0): loads Q once by TMA, then streams the tile's keys in chunks of 128
+//     through two stages: first the window keys (contiguous rows [win_lo, win_hi]), then the
+//     tile's key list (select.cu; at most k_select + 128 keys). Its 128 threads gather each
+//     chunk's K and V rows by index with cp.async into the swizzled tile format, write the
+//     key indices (and, for listed keys, their scores and ranks) beside them, and signal the
+//     stage's mbarrier with cp.async.mbarrier.arrive: rows by index are what TMA cannot load;
+//   two consumers (warpgroups 1-2), 64 query rows each, ping-pong: S = Q K^T and O += P V by
+//     wgmma, one online softmax over both kinds of chunk. Window keys: the row's window
+//     interval, gate 1. Listed keys: the query's selection (one rank compare) and gate
+//     clip(u_j - tau_i, 0, 1), which weighs p after exp2;
+//   epilogue: O through the Q tile's shared memory and a TMA store, lse per row.
+// Causal windows and candidate sets are disjoint; non-causal queries skip listed keys inside
+// their window (gates.cuh), so each key counts once.
 #include "flash_attention/cuda/attention_kernels.h"
-#include "flash_attention/cuda/fwd_common.cuh"
-#include "flash_attention/cuda/ptx.cuh"
+#include "flash_attention/cuda/fwd_wgmma.cuh"
 #include "sparsek/cuda/gates.cuh"
 #include "sparsek/cuda/gather.cuh"
 #include "sparsek/cuda/sparsek_kernels.h"
@@ -20,178 +23,269 @@
 namespace jax_sparsek::cuda::sparsek {
 namespace {
 
-constexpr int kBM = kTileQueries, kBN = kGatherRows, kThreads = kGatherThreads;
+constexpr int kBM = kWgmmaRows, kBN = kWgmmaKeys, kThreads = 384;
+static_assert(kBM == kTileQueries, "one CTA per key list");
+constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+static_assert(RegisterSplitFits(kProducerRegs, kConsumerRegs));
+// Named barrier ids: 1 + c = consumer c's turn to issue GEMMs; 3 + c = consumer c's epilogue.
+constexpr int kBarTurn = 1, kBarEpilogue = 3;
 
-struct GatherFwdParams {
+struct FusedFwdParams {
   SparsekDims dims;
+  MaskSpec window;   // WindowMask(dims); used only when has_window
+  bool has_window;   // window > 0 and S > 0
   float scale_log2;
-  bool merge_window;  // the window part wrote (o, lse) first
-  const void *q, *k, *v;
+  const uint16_t *k, *v;
   const float *scores, *tau;
   const int32_t *kth, *tile_keys, *tile_count, *key_rank;
-  void* o;
   float* lse;
 };
 
 template <int D>
 struct Smem {
-  static constexpr uint32_t kTileBytes = kBN * D * 2;
-  static constexpr uint32_t kQ = 0, kK = kQ + kBM * D * 2, kV = kK + 2 * kTileBytes;  // K[2], V[2]
-  static constexpr uint32_t kKeys = kV + 2 * kTileBytes;  // int32 [2][kBN]: key index, -1 = padding
-  static constexpr uint32_t kScores = kKeys + 2 * kBN * 4;  // fp32 [2][kBN]: u of each key
-  static constexpr uint32_t kRanks = kScores + 2 * kBN * 4;  // int32 [2][kBN]: rank of each key
-  static constexpr int kBytes = 1024 + kRanks + 2 * kBN * 4;
+  static constexpr uint32_t kQBytes = kBM * D * 2, kTileBytes = kBN * D * 2;
+  static constexpr uint32_t kQ = 0, kK = kQ + kQBytes, kV = kK + 2 * kTileBytes;  // K[2], V[2]
+  static constexpr uint32_t kKeys = kV + 2 * kTileBytes;   // int32 [2][kBN]: key index, -1 = none
+  static constexpr uint32_t kScores = kKeys + 2 * kBN * 4;  // fp32 [2][kBN]: u_j (listed chunks)
+  static constexpr uint32_t kRanks = kScores + 2 * kBN * 4;  // int32 [2][kBN]: rank of key j
+  static constexpr uint32_t kRows = kRanks + 2 * kBN * 4;    // RowSelection [kBM]
+  static constexpr uint32_t kBars = kRows + kBM * 16;        // 9 mbarriers
+  static constexpr int kBytes = 1024 + kBars + 9 * 8;
 };
 
-template <bool kBf16, int D>
-__global__ void __launch_bounds__(kThreads) fwd_gather_kernel(const GatherFwdParams p) {
-  using Elem = typename Elem16<kBf16>::type;
-  using L = Smem<D>;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
-  const uint32_t base = smem_u32(smem);
-  const uint32_t sQ = base + L::kQ, sK = base + L::kK, sV = base + L::kV;
-  int32_t* keys_s = reinterpret_cast<int32_t*>(smem + L::kKeys);
-  float* u_s = reinterpret_cast<float*>(smem + L::kScores);
-  int32_t* rank_s = reinterpret_cast<int32_t*>(smem + L::kRanks);
+// The chunks of one query tile, the same for the producer and both consumers: window chunk
+// c < window_chunks holds keys window_lo + 128 c + [0, 128) (those <= window_hi), chunk
+// window_chunks + l holds entries [128 l, 128 l + 128) of the key list.
+struct ChunkPlan {
+  int window_lo, window_hi, window_chunks, num_chunks;
 
-  const SparsekDims& d = p.dims;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane / 4, t4 = lane % 4;
-  const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
-  const int r0 = tile * kBM;
-  const TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, tile);
-  if (list.count == 0 && p.merge_window) return;  // the window part is the whole answer
-  const int64_t bh = list.bh;
-  const float* u_row = list.u;
-  const Elem* q_base = static_cast<const Elem*>(p.q);
-  constexpr int kChunksPerRow = D / 8;  // 16-byte pieces of one row
-
-  // Q tile (rows past T zero-filled), then chunks 0 and 1 of the list, one commit group each.
-  for (int c = tid; c < kBM * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8, i = r0 + r;
-    const bool valid = i < d.T;
-    cp_async_16(tile_addr(sQ, kBM, r, col),
-                q_base + ((int64_t(b) * d.T + (valid ? i : 0)) * d.N + n) * D + col, valid);
+  __device__ __forceinline__ ChunkPlan(const FusedFwdParams& p, int r0, int list_count) {
+    window_lo = 0;
+    window_hi = -1;
+    if (p.has_window) {
+      window_lo = p.window.key_lo(r0);
+      window_hi = p.window.key_hi(min(r0 + kBM, p.dims.T) - 1);
+    }
+    window_chunks = window_hi >= window_lo ? (window_hi - window_lo) / kBN + 1 : 0;
+    num_chunks = window_chunks + (list_count + kBN - 1) / kBN;
   }
-  const int num_chunks = (list.count + kBN - 1) / kBN;
-  auto gather_chunk = [&](int stage, int chunk) {
-    list.Gather<D>(d, b, h, chunk, static_cast<const uint16_t*>(p.k),
-                   static_cast<const uint16_t*>(p.v), sK + stage * L::kTileBytes,
-                   sV + stage * L::kTileBytes, keys_s + stage * kBN, u_s + stage * kBN,
-                   rank_s + stage * kBN);
-  };
-  gather_chunk(0, 0);
-  gather_chunk(1, 1);
+};
 
-  // This thread's rows row_a and row_a + 8, and their selections.
-  const int row_a = r0 + warp * 16 + g;
-  const float* tau_row = p.tau + bh * d.T;
-  const int32_t* kth_row = p.kth + bh * d.T;
-  QuerySelection sel[2];
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int i = row_a + 8 * ri;
-    if (i < d.T) {
-      sel[ri] = QuerySelection::Load(i, d.T, d.S, d.window, d.causal, u_row, d.K, tau_row, kth_row,
-                                     list.rank);
-    } else {
-      sel[ri] = QuerySelection::None();
-    }
-  }
+// What the softmax of a listed chunk needs of one query row (QuerySelection's fields), kept in
+// shared memory rather than in the consumers' registers, which the accumulators fill.
+struct RowSelection {
+  int num_candidates, min_rank;
+  float tau;
+  int position;
+};
 
-  float o_acc[D / 8][4] = {};
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  for (int chunk = 0; chunk < num_chunks; ++chunk) {
-    const int stage = chunk & 1;
-    cp_async_wait<1>();
-    __syncthreads();  // this chunk's rows, keys and scores are visible to every warp
-    const uint32_t k_s = sK + stage * L::kTileBytes, v_s = sV + stage * L::kTileBytes;
-
-    // S = Q K^T for this warp's 16 rows x 64 gathered keys. The Q fragments are reloaded from
-    // shared memory per chunk rather than held: their 32 registers go to the gates.
-    float s[kBN / 8][4] = {};
-    {
-      uint32_t qf[D / 16][4];
-      load_q_fragments<D, kBM>(qf, sQ, warp, lane);
-      add_qk<kBf16, D, kBN>(s, qf, k_s, lane);
-    }
-
-    // Log2-domain scores, -inf where the gate is 0; the softmax weighs key j by g_ij exp(s_ij).
-    float gate[kBN / 8][4];
-#pragma unroll
-    for (int jn = 0; jn < kBN / 8; ++jn) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = stage * kBN + jn * 8 + 2 * t4 + e;
-        const int j = keys_s[col], rank_j = rank_s[col];
-        const float uj = u_s[col];
-#pragma unroll
-        for (int ri = 0; ri < 2; ++ri) {
-          const bool selected = j >= 0 && sel[ri].SelectsByRank(j, rank_j);
-          float& g_ij = gate[jn][2 * ri + e];
-          g_ij = sel[ri].Gate(selected, j, uj, d.causal, d.window);
-          float& x = s[jn][2 * ri + e];
-          x = g_ij > 0.f ? x * p.scale_log2 : -INFINITY;
-        }
-      }
-    }
-    float alpha[2];
-    softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha, gate);
-    rescale_and_add_pv<kBf16, D, kBN>(o_acc, s, alpha, v_s, lane);
-
-    __syncthreads();  // every warp is done with this stage: refill it
-    gather_chunk(stage, chunk + 2);
-  }
-  cp_async_wait<0>();
-
-  // Epilogue: normalize, merge with the window part, store o and the natural-log lse.
-  float inv[2], lse_sel[2];
-  finalize_rows(m_run, l_run, inv, lse_sel);
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int i = row_a + 8 * ri;
-    if (i >= d.T) continue;
-    Elem* orow = static_cast<Elem*>(p.o) + ((int64_t(b) * d.T + i) * d.N + n) * D;
-    float* lse_out = p.lse + (int64_t(b) * d.N + n) * d.T + i;
-    // Weights of the two parts: w_sel multiplies the normalized gathered output, w_win the
-    // window part's; both 0 when the row sees no key at all.
-    float w_sel = inv[ri] > 0.f ? 1.f : 0.f, w_win = 0.f, lse = lse_sel[ri];
-    if (p.merge_window) {
-      const float lse_win = *lse_out;
-      const float m = fmaxf(lse_win, lse_sel[ri]);
-      if (m != -INFINITY) {
-        w_win = __expf(lse_win - m);
-        w_sel = __expf(lse_sel[ri] - m);
-        const float total = w_win + w_sel;
-        w_win /= total;
-        w_sel /= total;
-        lse = m + __logf(total);
-      }
-    }
-#pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      uint32_t* dst = reinterpret_cast<uint32_t*>(orow + nb * 8 + 2 * t4);
-      float x = o_acc[nb][2 * ri] * inv[ri] * w_sel, y = o_acc[nb][2 * ri + 1] * inv[ri] * w_sel;
-      if (w_win > 0.f) {
-        const float2 win = unpack2<kBf16>(*dst);
-        x += w_win * win.x;
-        y += w_win * win.y;
-      }
-      *dst = pack2<kBf16>(x, y);
-    }
-    if (t4 == 0) *lse_out = lse;
+// Copies row r (0..31 of this warp's 32 rows of the chunk, key index j_r held by lane r) of a
+// [B, S, K, D] tensor into row 32 * warp + r of the chunk tile at dst, for all 32 rows: D / 8
+// lanes per row on consecutive 16-byte pieces; rows with j < 0 are zero-filled.
+template <int D>
+__device__ __forceinline__ void gather_warp_rows(uint32_t dst, const uint16_t* src, int j_mine,
+                                                 int warp, int lane, int64_t row_base,
+                                                 int64_t row_stride) {
+  constexpr int kPieces = D / 8, kRowsPerPass = 32 / kPieces;
+  const int piece = lane % kPieces, sub = lane / kPieces;
+#pragma unroll 2
+  for (int pass = 0; pass < 32 / kRowsPerPass; ++pass) {
+    const int r = pass * kRowsPerPass + sub;
+    const int j = __shfl_sync(0xffffffffu, j_mine, r);
+    const uint16_t* at = src + row_base + int64_t(j >= 0 ? j : 0) * row_stride + piece * 8;
+    cp_async_16(tile_addr(dst, kBN, 32 * warp + r, piece * 8), at, j >= 0);
   }
 }
 
 template <bool kBf16, int D>
-cudaError_t LaunchGather(const GatherFwdParams& p, cudaStream_t stream) {
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_gather_kernel(const __grid_constant__ CUtensorMap tm_q,
+                      const __grid_constant__ CUtensorMap tm_o, const FusedFwdParams p) {
+  using L = Smem<D>;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t sQ = base + L::kQ, sK = base + L::kK, sV = base + L::kV;
+  int32_t* keys_s = reinterpret_cast<int32_t*>(smem + L::kKeys);
+  float* u_s = reinterpret_cast<float*>(smem + L::kScores);
+  int32_t* rank_s = reinterpret_cast<int32_t*>(smem + L::kRanks);
+  RowSelection* rows_s = reinterpret_cast<RowSelection*>(smem + L::kRows);
+  const uint32_t bars = base + L::kBars;
+  const uint32_t bar_q = bars, k_full = bars + 8, k_empty = bars + 24, v_full = bars + 40,
+                 v_empty = bars + 56;  // [2] each, 8 bytes apart
+
+  const SparsekDims& d = p.dims;
+  const int tid = threadIdx.x, wg = tid / 128;
+  const int tile = blockIdx.x, n = blockIdx.y, b = blockIdx.z, h = n / d.group();
+  const int r0 = tile * kBM;
+  const TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, tile);
+  const ChunkPlan plan(p, r0, list.count);
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(k_full + 8 * s, 2 * 128);  // each producer thread: its copies landed, its stores
+      mbar_init(v_full + 8 * s, 128);      // each producer thread: its copies landed
+      mbar_init(k_empty + 8 * s, 256);
+      mbar_init(v_empty + 8 * s, 256);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---------------- producer ----------------
+    setmaxnreg_dec<kProducerRegs>();
+    if (plan.num_chunks == 0) return;  // the consumers store zeros and lse = -inf
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar_q, L::kQBytes);
+      tma_load_tile<kBM, D>(sQ, &tm_q, bar_q, r0, n, b);
+    }
+    const int warp = tid / 32, lane = tid % 32;
+    const int64_t row_base = (int64_t(b) * d.S * d.K + h) * D, row_stride = int64_t(d.K) * D;
+    for (int c = 0; c < plan.num_chunks; ++c) {
+      const int stage = c & 1, slot = stage * kBN + tid;
+      const uint32_t use = c >> 1;
+      const bool listed = c >= plan.window_chunks;
+      // This thread's row of the chunk: its key index, -1 when there is none.
+      int j;
+      if (!listed) {
+        j = plan.window_lo + c * kBN + tid;
+        if (j > plan.window_hi) j = -1;
+      } else {
+        j = list.key((c - plan.window_chunks) * kBN + tid, d.S);
+      }
+      if (c >= 2) mbar_wait(k_empty + 8 * stage, (use - 1) & 1);
+      keys_s[slot] = j;
+      if (listed) {
+        cp_async_4(smem_u32(u_s + slot), list.u + int64_t(j >= 0 ? j : 0) * d.K, j >= 0);
+        cp_async_4(smem_u32(rank_s + slot), list.rank + (j >= 0 ? j : 0), j >= 0);
+      }
+      gather_warp_rows<D>(sK + stage * L::kTileBytes, p.k, j, warp, lane, row_base, row_stride);
+      cp_async_mbar_arrive(k_full + 8 * stage);
+      mbar_arrive(k_full + 8 * stage);  // releases the key index store
+      if (c >= 2) mbar_wait(v_empty + 8 * stage, (use - 1) & 1);
+      gather_warp_rows<D>(sV + stage * L::kTileBytes, p.v, j, warp, lane, row_base, row_stride);
+      cp_async_mbar_arrive(v_full + 8 * stage);
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  setmaxnreg_inc<kConsumerRegs>();
+  const int c = wg - 1;  // consumer index: query rows [64 c, 64 c + 64) of the tile
+  const int tid_c = tid % 128, warp_c = tid_c / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const int row_a = r0 + c * 64 + warp_c * 16 + g;  // this thread's rows: row_a, row_a + 8
+  const uint32_t q_rows = sQ + c * 64 * 128;
+
+  float o[D / 8][4] = {};
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  if (plan.num_chunks > 0) {
+    // Per row: the selection (shared memory, one quad lane writes it for the quad's row).
+    const float* tau_row = p.tau + list.bh * d.T;
+    const int32_t* kth_row = p.kth + list.bh * d.T;
+    const int local_a = c * 64 + warp_c * 16 + g;  // row_a - r0
+    if (t4 < 2) {
+      const int i = row_a + 8 * t4;
+      const QuerySelection q = i < d.T ? QuerySelection::Load(i, d.T, d.S, d.window, d.causal,
+                                                              list.u, d.K, tau_row, kth_row, list.rank)
+                                       : QuerySelection::None();
+      rows_s[local_a + 8 * t4] = {q.num_candidates, q.min_rank, q.tau, q.position};
+    }
+    __syncwarp();
+    // Scores of chunk `it` -> masked log2-domain scores -> one online-softmax step; then the
+    // stage's K, key indices, scores and ranks are free.
+    auto softmax_chunk = [&](int it, float(&s)[kBN / 8][4], float(&alpha)[2]) {
+      const int stage = it & 1;
+      const int32_t* keys = keys_s + stage * kBN;
+      if (it < plan.window_chunks) {
+        Interval window[2];
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri) window[ri] = row_keys(p.window, row_a + 8 * ri);
+#pragma unroll
+        for (int jn = 0; jn < kBN / 8; ++jn) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = keys[jn * 8 + 2 * t4 + e];
+#pragma unroll
+            for (int ri = 0; ri < 2; ++ri) {
+              float& x = s[jn][2 * ri + e];
+              x = j >= window[ri].lo && j <= window[ri].hi ? x * p.scale_log2 : -INFINITY;
+            }
+          }
+        }
+        softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha);
+        mbar_arrive(k_empty + 8 * stage);
+        return;
+      }
+      const float* us = u_s + stage * kBN;
+      const int32_t* ranks = rank_s + stage * kBN;
+      QuerySelection sel[2];
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        const RowSelection r = rows_s[local_a + 8 * ri];
+        sel[ri] = {r.num_candidates, 0, 0.f, r.min_rank, r.tau, r.position};
+      }
+#pragma unroll
+      for (int jn = 0; jn < kBN / 8; ++jn) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = jn * 8 + 2 * t4 + e;
+          const int j = keys[col], rank_j = ranks[col];
+          const float uj = us[col];
+#pragma unroll
+          for (int ri = 0; ri < 2; ++ri) {
+            const bool selected = j >= 0 && sel[ri].SelectsByRank(j, rank_j);
+            float& x = s[jn][2 * ri + e];
+            x = sel[ri].Gate(selected, j, uj, d.causal, d.window) > 0.f ? x * p.scale_log2 : -INFINITY;
+          }
+        }
+      }
+      // The gate again after exp2 (the scores of unselected keys are 0 by then).
+      softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha, [&](int jn, int v) {
+        return __saturatef(us[jn * 8 + 2 * t4 + (v & 1)] - sel[v >> 1].tau);
+      });
+      mbar_arrive(k_empty + 8 * stage);
+    };
+
+    auto steps = mainloop_steps(
+        [&](int it) {
+          if (it >= plan.num_chunks) return false;
+          mbar_wait(k_full + 8 * (it & 1), (it >> 1) & 1);
+          fence_proxy_async();  // cp.async wrote the rows that wgmma reads
+          return true;
+        },
+        softmax_chunk,
+        [&](int it) {
+          mbar_wait(v_full + 8 * (it & 1), (it >> 1) & 1);
+          fence_proxy_async();
+        },
+        [&](int it) { mbar_arrive(v_empty + 8 * (it & 1)); });
+    consumer_mainloop<kBf16, D>(o, steps, bar_q, q_rows, sK, sV, L::kTileBytes, c,
+                                /*pingpong=*/true, kBarTurn);
+  }
+
+  // ---------------- epilogue ----------------
+  store_o_tile<kBf16, D>(o, m_run, l_run, sQ, c, tid_c, &tm_o, kBarEpilogue + c, r0, n, b, d.T,
+                         p.lse + (int64_t(b) * d.N + n) * d.T);
+}
+
+template <bool kBf16, int D>
+cudaError_t Launch(const ForwardArgs& a, const FusedFwdParams& p, cudaStream_t stream,
+                   std::string* error) {
+  const SparsekDims& d = a.dims;
+  CUtensorMap tq, to;
+  if (!MakeTensorMap(&tq, a.q, kBf16, d.B, d.T, d.N, D, error) ||
+      !MakeTensorMap(&to, a.o, kBf16, d.B, d.T, d.N, D, error)) {
+    return cudaErrorInvalidValue;
+  }
   auto kernel = fwd_gather_kernel<kBf16, D>;
   constexpr int smem = Smem<D>::kBytes;
   cudaError_t err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(p.dims.num_tiles(), p.dims.N, p.dims.B);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<dim3(d.num_tiles(), d.N, d.B), kThreads, smem, stream>>>(tq, to, p);
   return cudaGetLastError();
 }
 
@@ -200,17 +294,23 @@ cudaError_t LaunchGather(const GatherFwdParams& p, cudaStream_t stream) {
 cudaError_t LaunchSparsekForward(const ForwardArgs& a, cudaStream_t stream, std::string* error) {
   const SparsekDims& d = a.dims;
   if (int64_t(d.B) * d.T * d.N == 0) return cudaSuccess;
-  const bool with_window = d.window > 0 && d.S > 0;
-  if (with_window) {
-    cudaError_t err =
-        LaunchFlashForward(WindowPartArgs<FwdArgs>(a), FwdKernel::kWgmma, stream, error);
-    if (err != cudaSuccess) return err;
+  const FusedFwdParams p{d,
+                         WindowMask(d),
+                         d.window > 0 && d.S > 0,
+                         a.scale * kLog2e,
+                         static_cast<const uint16_t*>(a.k),
+                         static_cast<const uint16_t*>(a.v),
+                         a.scores,
+                         a.tau,
+                         a.kth,
+                         a.tile_keys,
+                         a.tile_count,
+                         a.key_rank,
+                         a.lse};
+  if (d.D == 64) {
+    return a.bf16 ? Launch<true, 64>(a, p, stream, error) : Launch<false, 64>(a, p, stream, error);
   }
-  const GatherFwdParams p{d, a.scale * kLog2e, with_window, a.q, a.k, a.v,
-                          a.scores, a.tau, a.kth, a.tile_keys, a.tile_count, a.key_rank,
-                          a.o, a.lse};
-  if (d.D == 64) return a.bf16 ? LaunchGather<true, 64>(p, stream) : LaunchGather<false, 64>(p, stream);
-  return a.bf16 ? LaunchGather<true, 128>(p, stream) : LaunchGather<false, 128>(p, stream);
+  return a.bf16 ? Launch<true, 128>(a, p, stream, error) : Launch<false, 128>(a, p, stream, error);
 }
 
 }  // namespace jax_sparsek::cuda::sparsek

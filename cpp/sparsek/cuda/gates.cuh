@@ -1,8 +1,8 @@
 // Which gathered key a query attends and with what gate (SPEC.md section 4), shared by the
-// forward and backward gather kernels so that both passes see the same keys. The window part
-// runs separately (flash kernels with a window mask), so a gathered key never carries the
-// window's gate: causal windows and candidate sets are disjoint, and non-causal queries skip
-// listed keys inside their window.
+// forward and backward kernels so that both passes see the same keys. The window keys run
+// apart from the listed ones (window chunks in the forward, the flash backward with a window
+// mask in the backward), so a listed key never carries the window's gate: causal windows and
+// candidate sets are disjoint, and non-causal queries skip listed keys inside their window.
 #pragma once
 
 #include <climits>
@@ -13,7 +13,7 @@
 
 namespace jax_sparsek::cuda::sparsek {
 
-// The window part's mask for the flash kernels: causal p_i - window < j <= p_i, non-causal
+// The window keys' mask (the forward's window chunks, the flash backward's window part): causal p_i - window < j <= p_i, non-causal
 // |p_i - j| < window (callers run it only when window > 0).
 inline MaskSpec WindowMask(const SparsekDims& d) {
   MaskSpec m;
@@ -23,25 +23,6 @@ inline MaskSpec WindowMask(const SparsekDims& d) {
   m.left = d.window - 1;
   m.right = d.causal ? -1 : d.window - 1;
   return m;
-}
-
-// The flash kernels' arguments for the window part, from SparseK's ForwardArgs or
-// BackwardArgs: shapes, window mask, dtype, scale and the tensors both passes share (q, k, v,
-// o, lse); the caller adds the rest.
-template <typename FlashArgs, typename SparsekArgs>
-FlashArgs WindowPartArgs(const SparsekArgs& a) {
-  const SparsekDims& d = a.dims;
-  FlashArgs f;
-  f.dims = {d.B, d.T, d.S, d.N, d.K, d.D};
-  f.mask = WindowMask(d);
-  f.bf16 = a.bf16;
-  f.scale = a.scale;
-  f.q = a.q;
-  f.k = a.k;
-  f.v = a.v;
-  f.o = a.o;
-  f.lse = a.lse;
-  return f;
 }
 
 // One query's selection: candidates are keys [0, num_candidates); a candidate is selected iff
@@ -65,8 +46,7 @@ struct QuerySelection {
                                                         const int32_t* key_rank_row) {
     QuerySelection q;
     q.position = i + S - T;
-    const int n = causal ? q.position - window + 1 : S;
-    q.num_candidates = n < 0 ? 0 : (n > S ? S : n);
+    q.num_candidates = Candidates(i, T, S, window, causal);
     // kth comes from the select call; one outside [-1, n) (a caller's bad buffer) would index
     // out of bounds, so it selects every candidate instead.
     const int kth = kth_row[i];
@@ -75,6 +55,12 @@ struct QuerySelection {
     q.min_rank = q.kth >= 0 ? key_rank_row[q.kth] : INT_MIN;
     q.tau = tau_row[i];
     return q;
+  }
+
+  // Candidate keys [0, n) of query i: causal, the keys before its window; else every key.
+  __device__ __forceinline__ static int Candidates(int i, int T, int S, int window, bool causal) {
+    const int n = causal ? i + S - T - window + 1 : S;
+    return n < 0 ? 0 : (n > S ? S : n);
   }
 
   // A query that selects nothing (rows past T).

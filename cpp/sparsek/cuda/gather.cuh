@@ -1,5 +1,5 @@
-// Loading a query tile's key list in chunks, shared by the forward and backward gather kernels
-// (both: 128 threads, 64-row tiles in the swizzled tile format of ptx.cuh, two stages).
+// A query tile's key list (select.cu), and the backward gather kernel's loads of it in chunks
+// (128 threads, 64-row tiles in the swizzled tile format of ptx.cuh, two stages).
 #pragma once
 
 #include <cstdint>
@@ -37,7 +37,7 @@ __device__ __forceinline__ void gather_rows(uint32_t dst_a, const uint16_t* src_
 // ranks.
 struct TileKeyList {
   const int32_t* keys;
-  int count;             // clamped to the list capacity
+  int count;             // clamped to the list capacity (or trimmed, TrimFrom)
   const float* u;        // u_j = u[j * K]
   const int32_t* rank;   // rank of key j = rank[j] (select.cu's key_rank row)
   int64_t bh;            // b * K + h
@@ -52,6 +52,15 @@ struct TileKeyList {
     rank = key_rank + bh * d.S;
   }
 
+  // Drops the entries >= key_end, which form the list's tail (it ascends) and which a CTA that
+  // serves only the first queries of the list's tile never selects: every one of the
+  // kGatherThreads threads calls it. The tail is at most kGatherThreads long here (the keys
+  // of the tile's other queries' extra candidates).
+  __device__ __forceinline__ void TrimFrom(int key_end) {
+    const int e = count - kGatherThreads + int(threadIdx.x);
+    count -= __syncthreads_count(e >= 0 && keys[e] >= key_end);
+  }
+
   // Key index of entry e: -1 past the count, or for an index outside [0, S) (the lists come
   // from the select call; a caller's bad buffer must not read out of bounds).
   __device__ __forceinline__ int key(int e, int S) const {
@@ -60,13 +69,13 @@ struct TileKeyList {
   }
 
   // Chunk c (64 entries) into one stage: the K and V rows (tiles at k_dst / v_dst), the key
-  // indices (keys_dst, -1 = padding), their scores (u_dst) and, unless rank_dst is null, their
-  // ranks (rank_dst; both 0 for padding), then one cp.async commit group
+  // indices (keys_dst, -1 = padding) and their scores (u_dst, 0 for padding), then one cp.async
+  // commit group
   // (also when c is past the list, so that cp_async_wait<1> always means "chunk c landed").
   template <int D>
   __device__ __forceinline__ void Gather(const SparsekDims& d, int b, int h, int c, const uint16_t* k,
                                          const uint16_t* v, uint32_t k_dst, uint32_t v_dst,
-                                         int32_t* keys_dst, float* u_dst, int32_t* rank_dst) const {
+                                         int32_t* keys_dst, float* u_dst) const {
     if (c * kGatherRows < count) {
       gather_rows<D>(k_dst, k, v_dst, v, [&](int r) -> int64_t {
         const int j = key(c * kGatherRows + r, d.S);
@@ -77,7 +86,6 @@ struct TileKeyList {
         const int j = key(c * kGatherRows + t, d.S);
         keys_dst[t] = j;
         cp_async_4(smem_u32(u_dst + t), u + int64_t(j >= 0 ? j : 0) * d.K, j >= 0);
-        if (rank_dst) cp_async_4(smem_u32(rank_dst + t), rank + (j >= 0 ? j : 0), j >= 0);
       }
     }
     cp_async_commit();

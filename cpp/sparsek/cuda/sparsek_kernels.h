@@ -6,8 +6,8 @@
 //   select.cu      scores -> tau, kth per query (the CPU contract), per tile of kTileQueries
 //                  queries the union of the tile's selected keys (key lists), and each key's
 //                  rank in its row's score order (one compare decides a selection);
-//   fwd_gather.cu  the window part by the flash forward kernel (dense tiles, window mask), then
-//                  the gathered keys of each tile's list with gates, merged into o and lse;
+//   fwd_gather.cu  one wgmma kernel per 128-query tile: its window keys (contiguous rows),
+//                  then its list's keys (gathered rows) with gates, one online softmax;
 // and of the backward:
 //   bwd_gather.cu  the window part by the flash backward kernel (fp32 dk/dv accumulation mode),
 //                  the gathered keys query-major with fp32 atomics into dk/dv/dscores, then the
@@ -24,8 +24,9 @@
 
 namespace jax_sparsek::cuda::sparsek {
 
-// Queries per tile of the key lists; the gather kernels use the same query tile.
-constexpr int kTileQueries = 64;
+// Queries per tile of the key lists: the forward's query tile (fwd_gather.cu); the backward's
+// 64-query CTAs each serve half of a list.
+constexpr int kTileQueries = 128;
 
 // Shapes and selection parameters: q [B,T,N,D], k/v [B,S,K,D], scores [B,S,K] fp32,
 // tau/kth [B,K,T]. `window` is already clipped to S + T by the handler.
