@@ -35,6 +35,9 @@ CONFIGS = {
     # Several window chunks and several list chunks per 128-query tile in the forward.
     "many-chunks": (1, 700, 700, 4, 2, 128, 200, 160, True),
     "noncausal-wide": (1, 300, 400, 2, 1, 64, 150, 100, False),
+    # A 128-query tile with no key at all (causal, T >= S + 128), and non-causal T > S.
+    "empty-tiles": (1, 400, 100, 2, 1, 64, 16, 8, True),
+    "noncausal-t-gt-s": (1, 300, 120, 2, 1, 64, 20, 16, False),
 }
 # Selection only: 4096, 2048 and 1024 tile lists (B * K * tiles), which the list kernel builds
 # with 1, 2 and 4 warps each (the configs above, with fewer lists: 8).

@@ -104,6 +104,8 @@ __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, bool v
                "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Waits until every cp.async of this thread has landed, committed to a group or not.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 // Waits until at most `kPending` of this thread's committed groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -190,7 +192,9 @@ __device__ __forceinline__ void tma_store_commit_and_wait() {
   asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 }
 
-// Makes this thread's ordinary shared-memory writes visible to the async proxy (TMA, wgmma).
+// Orders ordinary (generic-proxy) shared-memory accesses before this thread's later async-proxy
+// ones (TMA, wgmma): after this thread's own writes (the O staging before a TMA store), or after
+// a barrier wait that made other threads' writes visible (cp.async rows before wgmma reads).
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }

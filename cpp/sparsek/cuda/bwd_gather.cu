@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
   TileKeyList list(d, p.tile_keys, p.tile_count, p.key_rank, p.scores, b, h, r0 / kTileQueries);
   // Causal: keys past the last query's candidates belong to the list's later queries.
   const int last_row = min(r0 + kBM, d.T) - 1;
-  list.TrimFrom(QuerySelection::Candidates(last_row, d.T, d.S, d.window, d.causal));
+  list.TrimFrom(NumCandidates(last_row, d.T, d.S, d.window, d.causal));
   const int64_t bh = list.bh;
   const int num_chunks = (list.count + kBN - 1) / kBN;
   const float* u_row = list.u;

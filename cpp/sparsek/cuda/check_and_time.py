@@ -40,7 +40,8 @@ def sanitize_body():
     from jax_sparsek import sparsek_attention
     for (B, T, S, N, K, D, k_sel, w, causal) in [(1, 200, 200, 4, 2, 64, 24, 16, True),
                                                    (1, 1, 700, 4, 4, 128, 40, 32, True),
-                                                   (2, 96, 130, 2, 2, 64, 20, 8, False)]:
+                                                   (2, 96, 130, 2, 2, 64, 20, 8, False),
+                                                   (1, 300, 300, 2, 1, 128, 200, 200, True)]:
         q, k, v, scores = inputs(B, T, S, N, K, D, jnp.bfloat16)
         f = lambda q, k, v, s: sparsek_attention(q, k, v, s, k_select=k_sel, window=w,
                                                  causal=causal).astype(jnp.float32).sum()

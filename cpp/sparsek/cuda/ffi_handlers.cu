@@ -8,7 +8,7 @@
 //   jax_sparsek_sparsek_fwd_cuda(q, k, v, scores, tau, kth, lists) -> (o, lse)
 //   jax_sparsek_sparsek_bwd_cuda(q, k, v, scores, tau, kth, lists, o, lse, do)
 //       -> (dq, dk, dv, dscores, workspace)           attrs scale, k_select, window, causal
-// tile_keys s32 [B, K, ceil(T / 64), min(k_select, S) + 64], tile_count s32 [B, K, ceil(T / 64)],
+// tile_keys s32 [B, K, ceil(T / 128), min(k_select, S) + 128], tile_count s32 [B, K, ceil(T / 128)],
 // key_rank s32 [B, K, S];
 // workspaces u8 of select_workspace_bytes / backward_workspace_bytes (the extension module
 // exports both). q/k/v in bf16 or fp16 with D = Dv in {64, 128}. The kernels trust the lists

@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       gather_warp_rows<D>(sV + stage * L::kTileBytes, p.v, j, warp, lane, row_base, row_stride);
       cp_async_mbar_arrive(v_full + 8 * stage);
     }
-    cp_async_wait<0>();
+    cp_async_wait_all();  // the copies carry no commit groups
     return;
   }
 

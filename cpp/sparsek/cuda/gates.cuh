@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "flash_attention/cuda/masking.cuh"
+#include "sparsek/cuda/select_algo.cuh"
 #include "sparsek/cuda/sparsek_kernels.h"
 
 namespace jax_sparsek::cuda::sparsek {
@@ -46,7 +47,7 @@ struct QuerySelection {
                                                         const int32_t* key_rank_row) {
     QuerySelection q;
     q.position = i + S - T;
-    q.num_candidates = Candidates(i, T, S, window, causal);
+    q.num_candidates = NumCandidates(i, T, S, window, causal);
     // kth comes from the select call; one outside [-1, n) (a caller's bad buffer) would index
     // out of bounds, so it selects every candidate instead.
     const int kth = kth_row[i];
@@ -55,12 +56,6 @@ struct QuerySelection {
     q.min_rank = q.kth >= 0 ? key_rank_row[q.kth] : INT_MIN;
     q.tau = tau_row[i];
     return q;
-  }
-
-  // Candidate keys [0, n) of query i: causal, the keys before its window; else every key.
-  __device__ __forceinline__ static int Candidates(int i, int T, int S, int window, bool causal) {
-    const int n = causal ? i + S - T - window + 1 : S;
-    return n < 0 ? 0 : (n > S ? S : n);
   }
 
   // A query that selects nothing (rows past T).
