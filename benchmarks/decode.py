@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import problems, report, runner, timing
-from jax_sparsek import decode
 from jax_sparsek.flax import _common
 from jax_sparsek.testing import AttentionSpec
 
@@ -57,11 +56,8 @@ def spec(B: int) -> AttentionSpec:
 def measure(B: int, iters: int, env: dict) -> list[dict]:
     q, parts = cache_parts(B)
     scale = 1.0 / SHAPE["D"] ** 0.5
-    k, v, gate = (jnp.concatenate(xs, axis=2) for xs in zip(*parts))
-    with jax.default_matmul_precision("highest"):
-        want = np.asarray(decode.reference(q.astype(jnp.float32), k.astype(jnp.float32),
-                                           v.astype(jnp.float32), gate, scale=scale,
-                                           heads_first=True)[0])
+    with jax.default_matmul_precision("highest"):  # the float32 reference on all the parts
+        want = np.asarray(_common._cache_attention(q, parts, scale, implementation="xla"))
     impls = {name: jax.jit(functools.partial(_common._cache_attention, scale=scale,
                                              implementation=implementation))
              for name, implementation in (("jax_sparsek", "ffi"), ("jax_sparsek[xla]", "xla"))}

@@ -35,6 +35,7 @@ NB_MODULE(_jax_sparsek_ext, m) {
           return jax_sparsek::cuda::sparsek::SelectWorkspaceBytes(
               SparsekDims{B, T, S, K, K, 0, k_select, window, causal});
         });
+  m.attr("sparsek_tile_queries") = jax_sparsek::cuda::sparsek::kTileQueries;
   m.def("sparsek_backward_workspace_bytes",
         [](int B, int T, int S, int N, int K, int D, int k_select, int window, bool causal) {
           return jax_sparsek::cuda::sparsek::BackwardWorkspaceBytes(

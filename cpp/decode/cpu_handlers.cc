@@ -17,10 +17,10 @@ void DecodeForward(const DecodeShape& s, float scale, const T* q, const T* k, co
   const int64_t group = s.N / s.K;
   ParallelFor(s.B * s.N, [&](int64_t bh) {
     const int64_t b = bh / s.N, h = bh % s.N, kv = h / group;
-    const T* q_row = q + bh * s.D;
     const int64_t base = b * s.batch_stride + kv * s.head_stride;
     const float* w_row = key_weight ? key_weight + (b * s.K + kv) * s.R : nullptr;
-    std::vector<float> acc(s.D, 0.0f);
+    std::vector<float> q_row(s.D), acc(s.D, 0.0f);  // q in float32, read once per cache row
+    for (int64_t d = 0; d < s.D; ++d) q_row[d] = ToFloat(q[bh * s.D + d]);
     float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
     for (int64_t r = s.key_begin; r < s.R; ++r) {
       const float w = w_row ? w_row[r] : 1.0f;
@@ -28,7 +28,7 @@ void DecodeForward(const DecodeShape& s, float scale, const T* q, const T* k, co
       const T* k_row = k + base + r * s.entry_stride;
       const T* v_row = v + base + r * s.entry_stride;
       float dot = 0.0f;
-      for (int64_t d = 0; d < s.D; ++d) dot += ToFloat(q_row[d]) * ToFloat(k_row[d]);
+      for (int64_t d = 0; d < s.D; ++d) dot += q_row[d] * ToFloat(k_row[d]);
       const float x = scale * dot, m_new = std::max(m, x);
       const float rescale = std::exp(m - m_new), p = w * std::exp(x - m_new);
       l = l * rescale + p;

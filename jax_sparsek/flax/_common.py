@@ -270,13 +270,13 @@ def _insert_candidate(cache: SparseKCache, cfg: AttentionConfig, cand_k, cand_v,
                          axis=-1)
     enters = arrives & (cand_u >= weakest_u)
     # A scatter of one row per (batch, kv head): in place wherever XLA may reuse the cache's
-    # buffers (the carry of decode's scan, a donated cache), not a pass over them.
+    # buffers (the carry of decode's scan, a donated cache), not a pass over them. Where the key
+    # does not enter, the row index is out of range and the scatter drops it.
     b, kv = jnp.meshgrid(jnp.arange(sel_u.shape[0]), jnp.arange(sel_u.shape[1]), indexing="ij")
+    row = jnp.where(enters, weakest, sel_u.shape[-1])
 
     def replace_row(rows, new):  # rows [B, K, k_select, ...], new [B, K, ...]
-        old = rows[b, kv, weakest]
-        keep_old = ~enters.reshape(enters.shape + (1,) * (old.ndim - enters.ndim))
-        return rows.at[b, kv, weakest].set(jnp.where(keep_old, old, new))
+        return rows.at[b, kv, row].set(new, mode="drop")
 
     select_k = replace_row(cache.select_k, cand_k)
     select_v = replace_row(cache.select_v, cand_v)

@@ -28,7 +28,6 @@ CUDA_SELECT_TARGET = "jax_sparsek_sparsek_select_cuda"
 CUDA_FWD_TARGET = "jax_sparsek_sparsek_fwd_cuda"
 CUDA_BWD_TARGET = "jax_sparsek_sparsek_bwd_cuda"
 CUDA_TARGETS = (CUDA_SELECT_TARGET, CUDA_FWD_TARGET, CUDA_BWD_TARGET)
-TILE_QUERIES = 128  # queries per key list (kTileQueries in cpp/sparsek/cuda/sparsek_kernels.h)
 
 
 def targets_for(platform: str) -> tuple[str, ...]:
@@ -71,8 +70,9 @@ def _select_call_cuda(scores, num_queries, k_select, window, causal):
     """(tau, kth, tile_keys, tile_count, key_rank) by the CUDA selection."""
     B, S, K = scores.shape
     window = min(window, S + num_queries)
-    tiles = -(-num_queries // TILE_QUERIES)
-    capacity = min(k_select, S) + TILE_QUERIES
+    tile = _ffi.extension().sparsek_tile_queries  # queries per key list
+    tiles = -(-num_queries // tile)
+    capacity = min(k_select, S) + tile  # SparsekDims::list_capacity
     nbytes = _ffi.extension().sparsek_select_workspace_bytes(B, num_queries, S, K, k_select,
                                                              window, causal)
     results = (_ffi.result_like(scores, (B, K, num_queries), jnp.float32),

@@ -11,7 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_sparsek._validation import AttentionDims, check_attention_inputs, check_int, check_scale
+from jax_sparsek._validation import (AttentionDims, check_attention_inputs, check_bool, check_int,
+                                     check_scale)
 from jax_sparsek.sparsek.operator import sparsek_threshold
 
 
@@ -28,8 +29,7 @@ def check_sparsek_inputs(q, k, v, scores, k_select, window, causal, scale):
         raise TypeError(f"scores must be float32, got {jnp.dtype(scores.dtype)}")
     k_select = check_int("k_select", k_select, 1)
     window = check_int("window", window, 0)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = check_bool("causal", causal)
     scale = check_scale(scale, dims.D)
     # Equivalent smaller values for very large arguments (k_select >= S selects every candidate;
     # a window of S + T covers every key in both modes), so that they fit int32 index math.

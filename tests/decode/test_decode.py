@@ -3,6 +3,8 @@ layouts, weights with masked entries, a key_begin, GQA groups that do not fill a
 heads, and enough entries for several splits. CPU tests run the C++ kernel; the `gpu` ones
 the CUDA kernel."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,8 @@ def make_case(B, R, N, K, D, dtype, heads_first, weighted, seed):
     w = None
     if weighted:  # a third of the entries masked (0 or negative), the rest in (0, 1]
         w = rng.uniform(0.0, 1.0, (B, K, R)).astype(np.float32)
-        w[rng.random((B, K, R)) < 0.33] = rng.choice([0.0, -0.5])
+        masked = rng.random((B, K, R)) < 0.33
+        w[masked] = rng.choice([0.0, -0.5], size=int(masked.sum()))
         w = jnp.asarray(w)
     return q, k, v, w
 
@@ -87,6 +90,26 @@ def test_the_cache_attention_follows_the_implementation_switch():
     assert_close(fns["ffi"](q, parts), fns["xla"](q, parts), "float32")
     assert_custom_call(fns["ffi"], q, parts, target=decode.TARGET)
     assert decode.TARGET not in hlo_text(fns["xla"], q, parts)
+
+
+def test_cache_attention_gradients_through_the_merge():
+    # The FFI path merges the parts by their lse, so its gradients flow through each part's lse
+    # cotangent; the xla path differentiates one softmax over the concatenated parts. A part
+    # whose gates are all 0 (lse = -inf, as at the start of decoding) must add nothing, not NaN.
+    from jax_sparsek.flax import _common
+
+    q, k, v, w = make_case(1, 40, 4, 2, 16, "float32", True, True, 7)
+    w = jnp.abs(w) + 0.01  # every entry of the first part on: its gates' gradient is defined
+    k2, v2 = k[:, :, :9] * 0.5, v[:, :, :9] + 1.0
+    for second_gate in (jnp.full((1, 2, 9), 0.7, jnp.float32), jnp.zeros((1, 2, 9), jnp.float32)):
+        def loss(impl, q, k, v, w, k2, v2):
+            parts = [(k, v, w), (k2, v2, second_gate)]
+            return jnp.sum(jnp.sin(_common._cache_attention(q, parts, 0.25, impl)))
+        grads = {impl: jax.grad(functools.partial(loss, impl), argnums=range(6))(q, k, v, w, k2, v2)
+                 for impl in ("ffi", "xla")}
+        for what, g, r in zip(("q", "k", "v", "gate", "k2", "v2"), grads["ffi"], grads["xla"]):
+            assert np.all(np.isfinite(np.asarray(g))), what
+            assert_close(g, r, "float32", what=what)
 
 
 def test_weighted_decode_gradients_match_reference():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_sparsek import sparsek_attention
+from jax_sparsek import _ffi, sparsek_attention
 from jax_sparsek.sparsek import ffi as sparsek_ffi
 from jax_sparsek.sparsek import reference as sparsek_reference
 from jax_sparsek.testing import (assert_close, assert_custom_call, sparsek_inputs, sparsek_options,
@@ -39,11 +39,11 @@ CONFIGS = {
     "empty-tiles": (1, 400, 100, 2, 1, 64, 16, 8, True),
     "noncausal-t-gt-s": (1, 300, 120, 2, 1, 64, 20, 16, False),
 }
-# Selection only: 4096, 2048 and 1024 tile lists (B * K * tiles), which the list kernel builds
-# with 1, 2 and 4 warps each (the configs above, with fewer lists: 8).
-LIST_CONFIGS = {"lists-4096": (2, 4096, 4096, 32, 32, 64, 64, 64, True),
-                "lists-2048": (2, 4096, 4096, 16, 16, 64, 64, 64, True),
-                "lists-1024": (2, 2048, 2048, 16, 16, 64, 64, 64, True)}
+# Selection only: 4096, 2048 and 1024 tile lists (B * K * tiles of 128 queries), which the list
+# kernel builds with 1, 2 and 4 warps each (the configs above, with fewer lists: 8).
+LIST_CONFIGS = {"lists-4096": (2, 8192, 8192, 32, 32, 64, 64, 64, True),
+                "lists-2048": (2, 8192, 8192, 16, 16, 64, 64, 64, True),
+                "lists-1024": (2, 4096, 4096, 16, 16, 64, 64, 64, True)}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -94,7 +94,7 @@ def test_key_ranks_and_tile_lists(name, tied):
             expected[order] = np.arange(S)
             np.testing.assert_array_equal(key_rank[b, h], expected)
             for t in range(tile_keys.shape[2]):
-                tile = sparsek_ffi.TILE_QUERIES
+                tile = _ffi.extension().sparsek_tile_queries
                 first, last = tile * t, min(tile * t + tile, T) - 1
                 first_kth = kth[b, h, first]
                 keys = np.arange(num_candidates(last))

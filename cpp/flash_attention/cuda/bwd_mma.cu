@@ -13,7 +13,8 @@
 // but one CTA after the other, so every element sums in the same order). A counter per (batch,
 // query head, query tile), next to delta in the dq buffer, says how many key tiles have added
 // theirs; a CTA waits for its turn. The key tiles launch highest first (blockIdx.x counts
-// down), so a CTA only waits for CTAs launched before it and the wait always ends. With causal
+// down), so a CTA only waits for CTAs launched before it, and the wait ends as long as CTAs
+// start in launch order (the hardware's behaviour, not a CUDA guarantee). With causal
 // masks the highest key tiles see the fewest query tiles and finish first: the turns rarely
 // make a CTA wait.
 // Accumulation mode (BwdArgs::dk_accum / dv_accum set, used by SparseK's window part): step 2

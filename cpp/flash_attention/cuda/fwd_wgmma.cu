@@ -16,11 +16,7 @@
 namespace jax_sparsek::cuda {
 namespace {
 
-constexpr int kBM = kWgmmaRows, kBN = kWgmmaKeys, kThreads = 384;
-constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-static_assert(RegisterSplitFits(kProducerRegs, kConsumerRegs));
-// Named barrier ids: 1 + c = consumer c's turn to issue GEMMs; 3 + c = consumer c's epilogue.
-constexpr int kBarTurn = 1, kBarEpilogue = 3;
+constexpr int kBM = kWgmmaRows, kBN = kWgmmaKeys, kThreads = kWgmmaThreads;
 
 template <int D>
 struct Smem {
@@ -96,11 +92,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---------------- consumers ----------------
   setmaxnreg_inc<kConsumerRegs>();
-  const int c = wg - 1;  // consumer index: query rows [64 c, 64 c + 64) of the tile
-  const int tid_c = tid % 128, warp_c = tid_c / 32, lane = tid % 32;
-  const int g = lane / 4, t4 = lane % 4;
-  const int row_a = r0 + c * 64 + warp_c * 16 + g;  // this thread's rows: row_a, row_a + 8
-  const uint32_t q_rows = sQ + c * 64 * 128;
+  const ConsumerThread ct(tid);
+  const int c = ct.c, t4 = ct.t4;
+  const int row_a = r0 + ct.row;  // this thread's rows: row_a, row_a + 8
 
   float o[D / 8][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -122,12 +116,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         },
         [&](int it) { mbar_wait(v_full + 8 * (it & 1), (it >> 1) & 1); },
         [&](int it) { mbar_arrive(v_empty + 8 * (it & 1)); });
-    consumer_mainloop<kBf16, D>(o, steps, bar_q, q_rows, sK, sV, L::kTileBytes, c, pingpong != 0,
-                                kBarTurn);
+    consumer_mainloop<kBf16, D>(o, steps, bar_q, ct.q_rows(sQ), sK, sV, L::kTileBytes, c, pingpong != 0);
   }
 
   // ---------------- epilogue ----------------
-  store_o_tile<kBf16, D>(o, m_run, l_run, sQ, c, tid_c, &tm_o, kBarEpilogue + c, r0, h, b, p.mask.T,
+  store_o_tile<kBf16, D>(o, m_run, l_run, sQ, ct, &tm_o, r0, h, b, p.mask.T,
                          p.lse + (int64_t(b) * p.N + h) * p.mask.T);
 }
 

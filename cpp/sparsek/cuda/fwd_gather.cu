@@ -23,12 +23,8 @@
 namespace jax_sparsek::cuda::sparsek {
 namespace {
 
-constexpr int kBM = kWgmmaRows, kBN = kWgmmaKeys, kThreads = 384;
+constexpr int kBM = kWgmmaRows, kBN = kWgmmaKeys, kThreads = kWgmmaThreads;
 static_assert(kBM == kTileQueries, "one CTA per key list");
-constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-static_assert(RegisterSplitFits(kProducerRegs, kConsumerRegs));
-// Named barrier ids: 1 + c = consumer c's turn to issue GEMMs; 3 + c = consumer c's epilogue.
-constexpr int kBarTurn = 1, kBarEpilogue = 3;
 
 struct FusedFwdParams {
   SparsekDims dims;
@@ -174,11 +170,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---------------- consumers ----------------
   setmaxnreg_inc<kConsumerRegs>();
-  const int c = wg - 1;  // consumer index: query rows [64 c, 64 c + 64) of the tile
-  const int tid_c = tid % 128, warp_c = tid_c / 32, lane = tid % 32;
-  const int g = lane / 4, t4 = lane % 4;
-  const int row_a = r0 + c * 64 + warp_c * 16 + g;  // this thread's rows: row_a, row_a + 8
-  const uint32_t q_rows = sQ + c * 64 * 128;
+  const ConsumerThread ct(tid);
+  const int c = ct.c, t4 = ct.t4;
+  const int row_a = r0 + ct.row;  // this thread's rows: row_a, row_a + 8
 
   float o[D / 8][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
@@ -186,13 +180,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Per row: the selection (shared memory, one quad lane writes it for the quad's row).
     const float* tau_row = p.tau + list.bh * d.T;
     const int32_t* kth_row = p.kth + list.bh * d.T;
-    const int local_a = c * 64 + warp_c * 16 + g;  // row_a - r0
     if (t4 < 2) {
       const int i = row_a + 8 * t4;
       const QuerySelection q = i < d.T ? QuerySelection::Load(i, d.T, d.S, d.window, d.causal,
                                                               list.u, d.K, tau_row, kth_row, list.rank)
                                        : QuerySelection::None();
-      rows_s[local_a + 8 * t4] = {q.num_candidates, q.min_rank, q.tau, q.position};
+      rows_s[ct.row + 8 * t4] = {q.num_candidates, q.min_rank, q.tau, q.position};
     }
     __syncwarp();
     // Scores of chunk `it` -> masked log2-domain scores -> one online-softmax step; then the
@@ -225,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       QuerySelection sel[2];
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
-        const RowSelection r = rows_s[local_a + 8 * ri];
+        const RowSelection r = rows_s[ct.row + 8 * ri];
         sel[ri] = {r.num_candidates, 0, 0.f, r.min_rank, r.tau, r.position};
       }
 #pragma unroll
@@ -245,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // The gate again after exp2 (the scores of unselected keys are 0 by then).
       softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha, [&](int jn, int v) {
-        return __saturatef(us[jn * 8 + 2 * t4 + (v & 1)] - sel[v >> 1].tau);
+        return sel[v >> 1].SoftGate(us[jn * 8 + 2 * t4 + (v & 1)]);
       });
       mbar_arrive(k_empty + 8 * stage);
     };
@@ -263,12 +256,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           fence_proxy_async();
         },
         [&](int it) { mbar_arrive(v_empty + 8 * (it & 1)); });
-    consumer_mainloop<kBf16, D>(o, steps, bar_q, q_rows, sK, sV, L::kTileBytes, c,
-                                /*pingpong=*/true, kBarTurn);
+    consumer_mainloop<kBf16, D>(o, steps, bar_q, ct.q_rows(sQ), sK, sV, L::kTileBytes, c,
+                                /*pingpong=*/true);
   }
 
   // ---------------- epilogue ----------------
-  store_o_tile<kBf16, D>(o, m_run, l_run, sQ, c, tid_c, &tm_o, kBarEpilogue + c, r0, n, b, d.T,
+  store_o_tile<kBf16, D>(o, m_run, l_run, sQ, ct, &tm_o, r0, n, b, d.T,
                          p.lse + (int64_t(b) * d.N + n) * d.T);
 }
 

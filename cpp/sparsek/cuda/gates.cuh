@@ -79,8 +79,11 @@ struct QuerySelection {
       const int dist = position > j ? position - j : j - position;
       if (dist < window) return 0.f;
     }
-    return __saturatef(uj - tau);
+    return SoftGate(uj);
   }
+
+  // clip(uj - tau, 0, 1): the gate of a selected key outside the query's window.
+  __device__ __forceinline__ float SoftGate(float uj) const { return __saturatef(uj - tau); }
 
   // 0 < uj - tau < 1 decided in double as the CPU kernel does: the gate depends on the scores.
   __device__ __forceinline__ bool Soft(float uj) const {

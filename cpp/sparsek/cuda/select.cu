@@ -92,12 +92,10 @@ int ChunkRows(const SparsekDims& d) {
   const int64_t rows = std::max<int64_t>(1, int64_t(d.B) * d.K);
   int64_t fit = 65535;
   if (NeedsStructures(d)) {
-    // The buffers of CarveWorkspace per row: 6 int-sized [S] arrays, then the levels' words and
-    // sums or the prefix counts and sums.
-    const int64_t levels = WaveletLevels(d.S);
-    const int64_t row_bytes =
-        RowsUsePrefixSums(d) ? int64_t(d.S + 1) * (6 * 4 + 4 + 8)
-                          : int64_t(d.S) * (6 * 4 + levels * 8) + levels * WordsPerLevel(d.S) * 8;
+    // The bytes CarveWorkspace adds per row.
+    const bool prefix = RowsUsePrefixSums(d);
+    const int64_t row_bytes = int64_t(CarveWorkspace(d.S, 2, prefix, nullptr).bytes -
+                                      CarveWorkspace(d.S, 1, prefix, nullptr).bytes);
     fit = std::max<int64_t>(1, std::min<int64_t>({fit, int64_t(kChunkBudgetBytes) / row_bytes,
                                                   INT_MAX / d.S - 1}));
   }

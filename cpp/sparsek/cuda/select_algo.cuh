@@ -174,12 +174,8 @@ struct PrefixRow {
   const double* below_sum;     // [S + 1]
 };
 
-// Count of the keys in [0, n) whose rank is below r (n >= n_base).
-JSK_HD int CountBelow(const PrefixRow& row, int n, int r) {
-  int count = row.below_count[r];
-  for (int j = row.n_base; j < n; ++j) count += row.rank_of[j] < r;
-  return count;
-}
+// Count and score sum of the keys in [0, n) whose rank is below r (n >= n_base); CountBelow
+// the count alone (the sum's loads drop out when inlined).
 JSK_HD CountSum RanksBelow(const PrefixRow& row, int n, int r) {
   CountSum out{row.below_count[r], row.below_sum[r]};
   for (int j = row.n_base; j < n; ++j) {
@@ -191,6 +187,7 @@ JSK_HD CountSum RanksBelow(const PrefixRow& row, int n, int r) {
   }
   return out;
 }
+JSK_HD int CountBelow(const PrefixRow& row, int n, int r) { return RanksBelow(row, n, r).count; }
 // The m-th smallest (from 0) rank among keys [0, n): the smallest r with m + 1 of them at or
 // below it, by bisection on the counts.
 JSK_HD int SmallestRank(const PrefixRow& row, int n, int m) {
@@ -344,6 +341,10 @@ JSK_HD QuerySelectResult SelectQuery(const Row& row, int n, int k) {
 }
 
 // ---- tile lists -------------------------------------------------------------------------------
+// Queries per tile of the key lists: the forward's query tile (fwd_gather.cu); the backward's
+// 64-query CTAs each serve half of a list. Python reads it from the extension.
+constexpr int kTileQueries = 128;
+
 // The list of a tile of queries [first, last] of a row: keys j < num_keys (the last query's
 // candidate count) with rank_of[j] >= min_rank, the rank of the first query's kth (0, i.e.
 // every key, when that kth is -1). Causal: the first query's selection (k keys) plus at most

@@ -27,7 +27,6 @@ using namespace jax_sparsek::cuda::sparsek;
 
 namespace {
 
-constexpr int kTileQueries = 128;  // sparsek_kernels.h
 
 uint32_t BitsOf(float x) {
   uint32_t b;

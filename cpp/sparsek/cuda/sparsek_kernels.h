@@ -21,12 +21,9 @@
 #include <string>
 
 #include "common/host_device.h"
+#include "sparsek/cuda/select_algo.cuh"  // kTileQueries
 
 namespace jax_sparsek::cuda::sparsek {
-
-// Queries per tile of the key lists: the forward's query tile (fwd_gather.cu); the backward's
-// 64-query CTAs each serve half of a list.
-constexpr int kTileQueries = 128;
 
 // Shapes and selection parameters: q [B,T,N,D], k/v [B,S,K,D], scores [B,S,K] fp32,
 // tau/kth [B,K,T]. `window` is already clipped to S + T by the handler.
