@@ -3,8 +3,9 @@
 // sequential scan per (batch, kv head) row, and the tile lists of sparsek_kernels.h.
 // Here every query is answered on its own from structures built once per row
 // (select_algo.cuh), in four steps on each chunk of rows:
-//   1. sort: each row's scores ascending, ties by key index (CUB's segmented radix sort of
-//      order-preserving keys; radix sort is stable and the keys go in in index order);
+//   1. sort: each row's scores ascending, ties by key index (radix sorts of order-preserving
+//      keys, stable with the keys in index order: one CTA per row in shared memory up to
+//      kBlockSortKeys keys, CUB's segmented sort beyond);
 //   2. build: one CTA per row builds the wavelet matrix over the ranks, level by level; or,
 //      when the queries of a row have nearly the same candidates (at most kMaxPrefixExtras
 //      apart: up to 65 causal queries, e.g. decoding, or any non-causal ones), one scan of the
@@ -18,6 +19,7 @@
 // Chunks bound the workspace (kChunkBudgetBytes) whatever the batch and head count. When
 // S <= k_select no query has more than k candidates: steps 1-2 are skipped and the workspace is
 // empty.
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include <algorithm>
@@ -143,6 +145,39 @@ __global__ void __launch_bounds__(256)
   sorted_scores[x] = __uint_as_float(ScoreOfSortKey(keys[x]));
   key_at_rank[x] = j;
   rank_of[x - rank + j] = rank;
+}
+
+// Rows of at most kBlockSortKeys keys instead: one CTA per row sorts them in shared memory and
+// writes the three maps itself (one launch in place of the three above and CUB's passes over
+// global memory). Past S the keys are the largest sort key with larger indices, so the stable
+// sort leaves them after every real key.
+constexpr int kBlockSortThreads = 512, kBlockSortItems = 8;
+constexpr int kBlockSortKeys = kBlockSortThreads * kBlockSortItems;
+
+__global__ void __launch_bounds__(kBlockSortThreads)
+    block_sort_rows_kernel(const float* scores, int S, int K, int64_t row0, float* sorted_scores,
+                           int32_t* key_at_rank, int32_t* rank_of) {
+  using BlockSort = cub::BlockRadixSort<uint32_t, kBlockSortThreads, kBlockSortItems, int32_t>;
+  __shared__ typename BlockSort::TempStorage temp;
+  const int64_t row = blockIdx.x, b = (row0 + row) / K, h = (row0 + row) % K;
+  uint32_t keys[kBlockSortItems];
+  int32_t index[kBlockSortItems];
+#pragma unroll
+  for (int i = 0; i < kBlockSortItems; ++i) {  // blocked: thread t holds keys [8t, 8t + 8)
+    const int j = threadIdx.x * kBlockSortItems + i;
+    keys[i] = j < S ? SortKeyOfScore(__float_as_uint(scores[(b * S + j) * K + h])) : ~0u;
+    index[i] = j;
+  }
+  BlockSort(temp).SortBlockedToStriped(keys, index);
+#pragma unroll
+  for (int i = 0; i < kBlockSortItems; ++i) {  // striped: rank threadIdx.x + 512 i
+    const int rank = i * kBlockSortThreads + threadIdx.x;
+    if (rank < S) {
+      sorted_scores[row * S + rank] = __uint_as_float(ScoreOfSortKey(keys[i]));
+      key_at_rank[row * S + rank] = index[i];
+      rank_of[row * S + index[i]] = rank;
+    }
+  }
 }
 
 // ---- block scans --------------------------------------------------------------------------------
@@ -314,32 +349,38 @@ cudaError_t BuildRowStructures(const SparsekDims& d, const float* scores, int64_
                                const Workspace& w, int32_t* rank_of, cudaStream_t stream,
                                std::string* error) {
   const int S = d.S, items = rows * S;
-  sort_input_kernel<<<dim3((S + 31) / 32, (rows + 31) / 32), dim3(32, 8), 0, stream>>>(
-      scores, S, d.K, row0, rows, w.sort_keys[0], w.sort_values[0], w.segment_offsets);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (S <= kBlockSortKeys) {
+    block_sort_rows_kernel<<<rows, kBlockSortThreads, 0, stream>>>(
+        scores, S, d.K, row0, w.sorted_scores, w.key_at_rank, rank_of);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  } else {
+    sort_input_kernel<<<dim3((S + 31) / 32, (rows + 31) / 32), dim3(32, 8), 0, stream>>>(
+        scores, S, d.K, row0, rows, w.sort_keys[0], w.sort_values[0], w.segment_offsets);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  cub::DoubleBuffer<uint32_t> keys(w.sort_keys[0], w.sort_keys[1]);
-  cub::DoubleBuffer<int32_t> values(w.sort_values[0], w.sort_values[1]);
-  size_t temp_bytes = 0;
-  err = cub::DeviceSegmentedRadixSort::SortPairs(nullptr, temp_bytes, keys, values, items, rows,
-                                                 w.segment_offsets, w.segment_offsets + 1, 0, 32,
-                                                 stream);
-  if (err != cudaSuccess) return err;
-  if (temp_bytes > kSortTempReserve) {
-    *error = "the segmented sort needs " + std::to_string(temp_bytes) +
-             " bytes of temporary storage, the workspace reserves " +
-             std::to_string(kSortTempReserve);
-    return cudaErrorInvalidValue;
+    cub::DoubleBuffer<uint32_t> keys(w.sort_keys[0], w.sort_keys[1]);
+    cub::DoubleBuffer<int32_t> values(w.sort_values[0], w.sort_values[1]);
+    size_t temp_bytes = 0;
+    err = cub::DeviceSegmentedRadixSort::SortPairs(nullptr, temp_bytes, keys, values, items, rows,
+                                                   w.segment_offsets, w.segment_offsets + 1, 0,
+                                                   32, stream);
+    if (err != cudaSuccess) return err;
+    if (temp_bytes > kSortTempReserve) {
+      *error = "the segmented sort needs " + std::to_string(temp_bytes) +
+               " bytes of temporary storage, the workspace reserves " +
+               std::to_string(kSortTempReserve);
+      return cudaErrorInvalidValue;
+    }
+    err = cub::DeviceSegmentedRadixSort::SortPairs(w.sort_temp, temp_bytes, keys, values, items,
+                                                   rows, w.segment_offsets,
+                                                   w.segment_offsets + 1, 0, 32, stream);
+    if (err != cudaSuccess) return err;
+
+    unpack_sorted_kernel<<<(items + 255) / 256, 256, 0, stream>>>(
+        keys.Current(), values.Current(), S, items, w.sorted_scores, w.key_at_rank, rank_of);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  err = cub::DeviceSegmentedRadixSort::SortPairs(w.sort_temp, temp_bytes, keys, values, items, rows,
-                                                 w.segment_offsets, w.segment_offsets + 1, 0, 32,
-                                                 stream);
-  if (err != cudaSuccess) return err;
-
-  unpack_sorted_kernel<<<(items + 255) / 256, 256, 0, stream>>>(
-      keys.Current(), values.Current(), S, items, w.sorted_scores, w.key_at_rank, rank_of);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   if (RowsUsePrefixSums(d)) {
     prefix_sums_kernel<<<rows, kPrefixThreads, 0, stream>>>(

@@ -126,27 +126,41 @@ struct CountSum {
   int count;
   double sum;
 };
-JSK_HD CountSum RanksBelow(const RowStructures& row, int n, int r) {
-  CountSum out{0, 0.0};
-  int lo = 0, hi = n;
-  for (int l = 0; l < row.levels && lo < hi; ++l) {
-    const RankWord* words = row.level_words(l);
-    const int ones_lo = OnesBefore(words, lo), ones_hi = OnesBefore(words, hi);
-    const int zeros_lo = lo - ones_lo, zeros_hi = hi - ones_hi;
-    if ((r >> (row.levels - 1 - l)) & 1) {
-      // The zeros share r's higher bits and are below it here: take them, follow the ones.
-      const double* sums = row.level_zero_sums(l);
-      out.count += zeros_hi - zeros_lo;
-      out.sum += sums[zeros_hi] - sums[zeros_lo];
-      const int level_zeros = ZerosAtLevel(row.S, row.levels, l);
-      lo = level_zeros + ones_lo;
-      hi = level_zeros + ones_hi;
-    } else {
-      lo = zeros_lo;
-      hi = zeros_hi;
-    }
+// One level of the descent toward rank r through keys [0, n): the part of the keys still
+// followed ([lo, hi) of X_l), and the count and score sum of those already known below r.
+struct Descent {
+  int lo, hi;
+  CountSum below;
+};
+JSK_HD void DescendToward(const RowStructures& row, int l, int r, Descent* d) {
+  const RankWord* words = row.level_words(l);
+  const int ones_lo = OnesBefore(words, d->lo), ones_hi = OnesBefore(words, d->hi);
+  const int zeros_lo = d->lo - ones_lo, zeros_hi = d->hi - ones_hi;
+  if ((r >> (row.levels - 1 - l)) & 1) {
+    // The zeros share r's higher bits and are below it here: take them, follow the ones.
+    const double* sums = row.level_zero_sums(l);
+    d->below.count += zeros_hi - zeros_lo;
+    d->below.sum += sums[zeros_hi] - sums[zeros_lo];
+    const int level_zeros = ZerosAtLevel(row.S, row.levels, l);
+    d->lo = level_zeros + ones_lo;
+    d->hi = level_zeros + ones_hi;
+  } else {
+    d->lo = zeros_lo;
+    d->hi = zeros_hi;
   }
-  return out;
+}
+// Count and score sum of the keys in [0, n) whose rank is below r1, and the same for r2: the
+// two descents in lockstep so that their loads overlap (the GPU pass waits on these dependent
+// loads). A descent whose range is empty adds nothing more, exactly.
+JSK_HD void RanksBelowPair(const RowStructures& row, int n, int r1, int r2, CountSum* below1,
+                           CountSum* below2) {
+  Descent a{0, n, {0, 0.0}}, b{0, n, {0, 0.0}};
+  for (int l = 0; l < row.levels && (a.lo < a.hi || b.lo < b.hi); ++l) {
+    DescendToward(row, l, r1, &a);
+    DescendToward(row, l, r2, &b);
+  }
+  *below1 = a.below;
+  *below2 = b.below;
 }
 
 // ---- prefix sums: rows whose queries have nearly the same candidates -------------------------
@@ -188,6 +202,11 @@ JSK_HD CountSum RanksBelow(const PrefixRow& row, int n, int r) {
   return out;
 }
 JSK_HD int CountBelow(const PrefixRow& row, int n, int r) { return RanksBelow(row, n, r).count; }
+JSK_HD void RanksBelowPair(const PrefixRow& row, int n, int r1, int r2, CountSum* below1,
+                           CountSum* below2) {
+  *below1 = RanksBelow(row, n, r1);
+  *below2 = RanksBelow(row, n, r2);
+}
 // The m-th smallest (from 0) rank among keys [0, n): the smallest r with m + 1 of them at or
 // below it, by bisection on the counts.
 JSK_HD int SmallestRank(const PrefixRow& row, int n, int m) {
@@ -257,27 +276,30 @@ struct LinearPiece {
   double begin, end;  // breakpoints around t: the line is f on [begin, end]
 };
 
-// #{r : sorted[r] <= x}, compared in double.
-JSK_HD int CountAtMost(const float* sorted, int S, double x) {
-  int lo = 0, hi = S;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (double(sorted[mid]) <= x) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
+// #{r : sorted[r] <= x} and #{r : sorted[r] <= y}, compared in double: two branch-free binary
+// searches in lockstep (the count grows by each power of two that keeps it valid).
+JSK_HD void CountAtMostPair(const float* sorted, int S, double x, double y, int* count_x,
+                            int* count_y) {
+  int step = 1;
+  while (2 * step <= S) step *= 2;
+  int cx = 0, cy = 0;
+  for (; step > 0; step >>= 1) {
+    if (cx + step <= S && double(sorted[cx + step - 1]) <= x) cx += step;
+    if (cy + step <= S && double(sorted[cy + step - 1]) <= y) cy += step;
   }
-  return lo;
+  *count_x = cx;
+  *count_y = cy;
 }
 
-// Row: RowStructures (wavelet) or PrefixRow; both give RanksBelow and SmallestRank.
+// Row: RowStructures (wavelet) or PrefixRow; both give RanksBelowPair and SmallestRank.
 template <typename Row>
 JSK_HD LinearPiece PieceAt(const Row& row, int n, double t) {
   const float* su = row.sorted_scores;
-  const int below = CountAtMost(su, row.S, t);          // ranks < below: u <= t, contribute 0
-  const int inside_end = CountAtMost(su, row.S, t + 1.0);  // ranks >= inside_end: contribute 1
-  const CountSum lower = RanksBelow(row, n, below), upper = RanksBelow(row, n, inside_end);
+  // Ranks < below: u <= t, contribute 0; ranks >= inside_end: u > t + 1, contribute 1.
+  int below, inside_end;
+  CountAtMostPair(su, row.S, t, t + 1.0, &below, &inside_end);
+  CountSum lower, upper;
+  RanksBelowPair(row, n, below, inside_end, &lower, &upper);
   LinearPiece p;
   p.t = t;
   p.slope = upper.count - lower.count;
