@@ -1,7 +1,12 @@
-"""python -m benchmarks.profile PRESET [--scale-down F]: our forward of PRESET under Nsight
-Compute (`ncu --clock-control none --set basic`, boost clocks as in the timed runs), summarised
-per kernel (name, launch shape, duration, achieved SM and memory throughput as % of peak) into
-benchmarks/results/<device-slug>/profiles/<date>-<preset>.txt.
+"""python -m benchmarks.profile PRESET [--scale-down F] [--kernel REGEX]: our forward of PRESET
+under Nsight Compute (`ncu --clock-control none --set basic`, boost clocks as in the timed runs),
+summarised per kernel (name, launch shape, duration, achieved SM and memory throughput as % of
+peak) into benchmarks/results/<device-slug>/profiles/<date>-<preset>.txt.
+
+With --kernel, the first launch of the one kernel whose name matches REGEX instead, in detail:
+ncu's sections on throughput, warp states (why warps stall), scheduler, memory and occupancy,
+then the SASS instructions where warps stalled most (sampled), into
+<date>-<preset>-<REGEX>.txt, and the whole SASS listing with its samples beside it (.sass.csv).
 
 ncu profiles a child process (`--child`) that builds the inputs on the host (so that no
 input-generation kernel shows up), compiles our forward and runs it once (ncu replays each
@@ -15,9 +20,11 @@ import argparse
 import csv
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from benchmarks import problems, report
@@ -29,6 +36,9 @@ NCU_FLAGS = ("--clock-control", "none", "--set", "basic", "--csv", "--page", "de
              "--kernel-name-base", "demangled", "--kernel-name", "regex:jax_sparsek|SegmentedRadixSort",
              "--launch-count", "400")
 # ncu's metric names (section GPU Speed Of Light Throughput) -> summary columns.
+# One kernel in detail (--kernel): these sections, and the source page's stall samples.
+DETAIL_SECTIONS = ("SpeedOfLight", "WarpStateStats", "SchedulerStats", "MemoryWorkloadAnalysis",
+                   "Occupancy", "LaunchStats", "InstructionStats", "SourceCounters")
 METRICS = {"Duration": "duration_us", "Compute (SM) Throughput": "sm_pct",
            "Memory Throughput": "memory_pct", "DRAM Throughput": "dram_pct"}
 TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
@@ -39,6 +49,43 @@ def command(preset: str, scale_down: int = 1, ncu: str = "ncu", python: str = sy
     """The ncu command line that profiles our forward of `preset`."""
     return [ncu, *NCU_FLAGS, python, "-m", "benchmarks.profile", preset,
             "--scale-down", str(scale_down), "--child"]
+
+
+def detail_commands(preset: str, kernel: str, report_path: str, scale_down: int = 1,
+                    ncu: str = "ncu", python: str = sys.executable) -> list[list[str]]:
+    """ncu command lines for --kernel: profile into report_path, then print its details page
+    and its source page (SASS, CSV)."""
+    sections = [a for name in DETAIL_SECTIONS for a in ("--section", name)]
+    profile = [ncu, "--clock-control", "none", *sections, "--kernel-name-base", "demangled",
+               "--kernel-name", f"regex:{kernel}", "--launch-count", "1", "-f", "-o", report_path,
+               python, "-m", "benchmarks.profile", preset, "--scale-down", str(scale_down), "--child"]
+    rep = report_path + ".ncu-rep"
+    return [profile, [ncu, "-i", rep, "--page", "details"],
+            [ncu, "-i", rep, "--page", "source", "--csv", "--print-source", "sass"]]
+
+
+def top_stalls(source_csv: str, count: int = 40) -> str:
+    """The `count` SASS instructions with the most warp-stall samples in ncu's source page (CSV),
+    each with its share of all samples."""
+    lines = source_csv.splitlines()
+    start = next((i for i, line in enumerate(lines) if '"Address"' in line and '"Source"' in line), None)
+    if start is None:
+        return "no source page\n"
+    rows = list(csv.DictReader(line for line in lines[start:] if line.startswith('"')))
+    total_col = next((c for c in (rows[0] if rows else {}) if c and c.startswith("Warp Stall Sampling (All")), None)
+    if total_col is None:
+        return "no stall samples in the source page: " + lines[start][:500] + "\n"
+
+    def samples(row):
+        try:
+            return _number(row.get(total_col) or "0")
+        except ValueError:
+            return 0.0
+    total = sum(samples(r) for r in rows) or 1.0
+    out = [f"SASS instructions by stall samples ({total_col}, {int(total)} in all):"]
+    for r in sorted(rows, key=lambda r: -samples(r))[:count]:
+        out.append(f"{100 * samples(r) / total:5.1f}%  {r.get('Address', ''):>6}  {r['Source']}")
+    return "\n".join(out) + "\n"
 
 
 def _number(text: str) -> float:
@@ -132,6 +179,7 @@ def main(argv=None) -> None:
     p.add_argument("--scale-down", type=int, default=1)
     p.add_argument("--out", type=Path, default=report.RESULTS)
     p.add_argument("--timeout", type=float, default=300, help="seconds ncu may take")
+    p.add_argument("--kernel", help="profile the first launch of this kernel (regex) in detail")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     (preset,) = resolve([args.preset])
@@ -153,22 +201,43 @@ def main(argv=None) -> None:
            **os.environ}
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_gpu_autotune_level=0 --xla_gpu_enable_command_buffer=").strip()
-    try:
-        done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True,
-                              env=env, timeout=args.timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"ncu did not finish: {e}")
-        return
-    kernels = parse_ncu_csv(done.stdout)
-    if done.returncode != 0 or not kernels:
-        print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
-        return
     device = jax.devices()[0].device_kind
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     name = preset + (f"-div{args.scale_down}" if args.scale_down > 1 else "")
     path = Path(args.out) / report.device_slug(device) / "profiles" / f"{date}-{name}.txt"
+    if args.kernel:
+        path = path.with_name(f"{date}-{name}-{re.sub(r'[^A-Za-z0-9_]+', '_', args.kernel)}.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            outputs = []
+            for cmd in detail_commands(preset, args.kernel, str(Path(tmp) / "kernel"), args.scale_down, ncu):
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    print(f"ncu did not finish: {e}")
+                    return
+                if done.returncode != 0:
+                    print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
+                    return
+                outputs.append(done.stdout)
+        # The whole SASS listing with its samples first, for reading the kernel's loops in order.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".sass.csv").write_text(outputs[2])
+        text = (f"{name} forward, ours, {device}, ncu sections {', '.join(DETAIL_SECTIONS)}\n"
+                f"{outputs[1]}\n{top_stalls(outputs[2])}")
+    else:
+        try:
+            done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True,
+                                  env=env, timeout=args.timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"ncu did not finish: {e}")
+            return
+        kernels = parse_ncu_csv(done.stdout)
+        if done.returncode != 0 or not kernels:
+            print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
+            return
+        text = summary(kernels, f"{name} forward, ours, {device}, ncu --set basic")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(summary(kernels, f"{name} forward, ours, {device}, ncu --set basic"))
+    path.write_text(text)
     print(path.read_text() + f"wrote {path}")
 
 

@@ -160,6 +160,37 @@ def test_ncu_command_and_summary():
     assert profile.parse_ncu_csv("==PROF== no kernels were profiled") == []
 
 
+SOURCE_SAMPLE = '''==PROF== Disconnected
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","stall_wait"
+"0x10","      HGMMA.64x128x16.F32 R24, gdesc[UR4], RZ","1,200","900","3"
+"0x20","      SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR9], R11","600","600","0"
+"0x30","      FMUL.FTZ R25, R25, UR6","","",""
+"0x40","      MUFU.EX2 R4, R4","200","10","1"
+'''
+
+
+def test_ncu_kernel_detail():
+    profile_cmd, details, source = profile.detail_commands("sparsek-long32k", "fwd_gather", "/tmp/rep",
+                                                           ncu="/opt/ncu", python="/py")
+    assert profile_cmd[:3] == ["/opt/ncu", "--clock-control", "none"]
+    sections = [profile_cmd[i + 1] for i, a in enumerate(profile_cmd) if a == "--section"]
+    assert sections == list(profile.DETAIL_SECTIONS) and "WarpStateStats" in sections
+    assert profile_cmd[profile_cmd.index("--kernel-name") + 1] == "regex:fwd_gather"
+    assert profile_cmd[profile_cmd.index("--launch-count") + 1] == "1"
+    assert profile_cmd[profile_cmd.index("-o") + 1] == "/tmp/rep"
+    assert profile_cmd[-7:] == ["/py", "-m", "benchmarks.profile", "sparsek-long32k", "--scale-down", "1",
+                                "--child"]
+    assert details == ["/opt/ncu", "-i", "/tmp/rep.ncu-rep", "--page", "details"]
+    assert source == ["/opt/ncu", "-i", "/tmp/rep.ncu-rep", "--page", "source", "--csv", "--print-source", "sass"]
+    # Instructions by their share of the stall samples, most first; empty counts are 0.
+    lines = profile.top_stalls(SOURCE_SAMPLE, count=3).splitlines()
+    assert "2000 in all" in lines[0]
+    assert lines[1].split()[:2] == ["60.0%", "0x10"] and "HGMMA" in lines[1]
+    assert lines[2].split()[:2] == ["30.0%", "0x20"] and "TRYWAIT" in lines[2]
+    assert lines[3].split()[:2] == ["10.0%", "0x40"] and len(lines) == 4
+    assert profile.top_stalls("no csv here") == "no source page\n"
+
+
 def test_profile_without_ncu_says_so(monkeypatch, capsys):
     monkeypatch.setattr(profile.shutil, "which", lambda _: None)
     assert cli.main(["--profile", "decode32k"]) == []

@@ -4,10 +4,14 @@ tests/sparsek/test_sparsek_cuda.py). Run on an H100 from the repository root aft
 
     PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py sanitize   # memcheck, racecheck
     PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py time       # the BENCHMARKS presets
+    PYTHONPATH=. python3 cpp/sparsek/cuda/check_and_time.py chunks     # attention cost per chunk
 
 `time` reports, per preset, the median of the selection alone, the forward and forward+backward
 next to jax.nn's cuDNN kernel on the same q, k, v (dense causal and the causal sliding window
-with as many keys per query as SparseK attends).
+with as many keys per query as SparseK attends). `chunks` splits the forward's attention part
+(forward minus selection) by what its CTAs do: per (k_select, window) of seed003's shape and
+at long32k, the 128-key chunks per CTA (window and listed, from the selection's tile counts)
+and the attention time per chunk and SM.
 """
 
 from __future__ import annotations
@@ -120,5 +124,42 @@ def time_presets():
         print(f"{name:16s} {label:28s} {ms:9.3f} {tf:10.1f} {us:9.1f}")
 
 
+def chunk_costs():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax_sparsek import sparsek_attention
+    from jax_sparsek.sparsek import ffi as sparsek_ffi
+    tile = sparsek_ffi._ffi.extension().sparsek_tile_queries
+    sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
+    configs = [(PRESETS[0], k_sel, w) for k_sel, w in [(64, 128), (256, 128), (1024, 128), (256, 256),
+                                                       (256, 512), (64, 512), (1024, 512)]]
+    configs.append((PRESETS[1], PRESETS[1][6], PRESETS[1][7]))
+    print(f"{'preset':16s} {'k':>5s} {'w':>4s} {'sel ms':>7s} {'fwd ms':>7s} {'attn ms':>7s} "
+          f"{'CTAs':>6s} {'win/CTA':>7s} {'list/CTA':>8s} {'us/chunk/SM':>11s} {'us/CTA/SM':>9s}")
+    inputs_of = {}
+    for (name, B, S, N, D, dtype, _, _), k_sel, w in configs:
+        if name not in inputs_of:
+            inputs_of = {name: inputs(B, S, S, N, N, D, jnp.dtype(dtype))}
+        q, k, v, scores = inputs_of[name]
+        ours = jax.jit(lambda q, k, v, s: sparsek_attention(q, k, v, s, k_select=k_sel, window=w))
+        sel = jax.jit(lambda s: sparsek_ffi._select_call_cuda(s, S, k_sel, w, True))
+        sel_ms, fwd_ms = median_ms(sel, scores), median_ms(ours, q, k, v, scores)
+        counts = np.asarray(sel(scores)[3]).astype(np.int64)  # [B, K, tiles]
+        tiles = counts.shape[-1]
+        # Window chunks of tile t: keys [max(0, r0 - w + 1), min(S, r0 + tile) - 1] (causal).
+        r0 = np.arange(tiles) * tile
+        lo, hi = np.maximum(0, r0 - (w - 1)), np.minimum(S, r0 + tile) - 1
+        win = (hi - lo) // 128 + 1
+        listed = -(-counts // 128)
+        ctas = B * N * tiles
+        attn_ms = fwd_ms - sel_ms
+        chunks = N * B * win.sum() + (listed.sum() * (N // counts.shape[1]))
+        print(f"{name:16s} {k_sel:5d} {w:4d} {sel_ms:7.3f} {fwd_ms:7.3f} {attn_ms:7.3f} {ctas:6d} "
+              f"{win.mean():7.2f} {listed.mean():8.2f} {attn_ms * 1e3 * sms / chunks:11.2f} "
+              f"{attn_ms * 1e3 * sms / ctas:9.2f}", flush=True)
+
+
 if __name__ == "__main__":
-    {"sanitize": sanitize, "sanitize-body": sanitize_body, "time": time_presets}[sys.argv[1]]()
+    {"sanitize": sanitize, "sanitize-body": sanitize_body, "time": time_presets,
+     "chunks": chunk_costs}[sys.argv[1]]()

@@ -4,9 +4,11 @@
 //   producer (warpgroup 0): loads Q once by TMA, then streams the tile's keys in chunks of 128
 //     through two stages: first the window keys (contiguous rows [win_lo, win_hi]), then the
 //     tile's key list (select.cu; at most k_select + 128 keys). Its 128 threads gather each
-//     chunk's K and V rows by index with cp.async into the swizzled tile format, write the
-//     key indices (and, for listed keys, their scores and ranks) beside them, and signal the
-//     stage's mbarrier with cp.async.mbarrier.arrive: rows by index are what TMA cannot load;
+//     chunk's K and V rows by index with cp.async into the swizzled tile format and signal the
+//     stage's mbarrier with cp.async.mbarrier.arrive: rows by index are what TMA cannot load.
+//     For a listed chunk they then write each key's index, rank and score beside the rows,
+//     behind a barrier of their own, which the consumers wait for only after Q K^T: those
+//     scattered 4-byte loads do not hold up the GEMM;
 //   two consumers (warpgroups 1-2), 64 query rows each, ping-pong: S = Q K^T and O += P V by
 //     wgmma, one online softmax over both kinds of chunk. Window keys: the row's window
 //     interval, gate 1. Listed keys: the query's selection (one rank compare) and gate
@@ -14,6 +16,8 @@
 //   epilogue: O through the Q tile's shared memory and a TMA store, lse per row.
 // Causal windows and candidate sets are disjoint; non-causal queries skip listed keys inside
 // their window (gates.cuh), so each key counts once.
+#include <climits>
+
 #include "flash_attention/cuda/attention_kernels.h"
 #include "flash_attention/cuda/fwd_wgmma.cuh"
 #include "sparsek/cuda/gates.cuh"
@@ -41,12 +45,10 @@ template <int D>
 struct Smem {
   static constexpr uint32_t kQBytes = kBM * D * 2, kTileBytes = kBN * D * 2;
   static constexpr uint32_t kQ = 0, kK = kQ + kQBytes, kV = kK + 2 * kTileBytes;  // K[2], V[2]
-  static constexpr uint32_t kKeys = kV + 2 * kTileBytes;   // int32 [2][kBN]: key index, -1 = none
-  static constexpr uint32_t kScores = kKeys + 2 * kBN * 4;  // fp32 [2][kBN]: u_j (listed chunks)
-  static constexpr uint32_t kRanks = kScores + 2 * kBN * 4;  // int32 [2][kBN]: rank of key j
-  static constexpr uint32_t kRows = kRanks + 2 * kBN * 4;    // RowSelection [kBM]
-  static constexpr uint32_t kBars = kRows + kBM * 16;        // 9 mbarriers
-  static constexpr int kBytes = 1024 + kBars + 9 * 8;
+  static constexpr uint32_t kListed = kV + 2 * kTileBytes;   // ListedKey [2][kBN]
+  static constexpr uint32_t kRows = kListed + 2 * kBN * 16;   // RowSelection [kBM]
+  static constexpr uint32_t kBars = kRows + kBM * 16;         // 11 mbarriers
+  static constexpr int kBytes = 1024 + kBars + 11 * 8;
 };
 
 // The chunks of one query tile, the same for the producer and both consumers: window chunk
@@ -65,6 +67,14 @@ struct ChunkPlan {
     window_chunks = window_hi >= window_lo ? (window_hi - window_lo) / kBN + 1 : 0;
     num_chunks = window_chunks + (list_count + kBN - 1) / kBN;
   }
+};
+
+// What the softmax of a listed chunk needs of one of its keys, one 16-byte load: the key index
+// (INT_MAX for padding, which no query selects), its rank and its score u_j.
+struct alignas(16) ListedKey {
+  int key, rank;
+  float u;
+  int unused;
 };
 
 // What the softmax of a listed chunk needs of one query row (QuerySelection's fields), kept in
@@ -102,13 +112,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
   uint8_t* smem = smem_raw + (base - smem_u32(smem_raw));
   const uint32_t sQ = base + L::kQ, sK = base + L::kK, sV = base + L::kV;
-  int32_t* keys_s = reinterpret_cast<int32_t*>(smem + L::kKeys);
-  float* u_s = reinterpret_cast<float*>(smem + L::kScores);
-  int32_t* rank_s = reinterpret_cast<int32_t*>(smem + L::kRanks);
+  ListedKey* listed_s = reinterpret_cast<ListedKey*>(smem + L::kListed);
   RowSelection* rows_s = reinterpret_cast<RowSelection*>(smem + L::kRows);
   const uint32_t bars = base + L::kBars;
   const uint32_t bar_q = bars, k_full = bars + 8, k_empty = bars + 24, v_full = bars + 40,
-                 v_empty = bars + 56;  // [2] each, 8 bytes apart
+                 v_empty = bars + 56, listed_full = bars + 72;  // [2] each, 8 bytes apart
 
   const SparsekDims& d = p.dims;
   const int tid = threadIdx.x, wg = tid / 128;
@@ -120,7 +128,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     mbar_init(bar_q, 1);
     for (int s = 0; s < 2; ++s) {
-      mbar_init(k_full + 8 * s, 2 * 128);  // each producer thread: its copies landed, its stores
+      mbar_init(k_full + 8 * s, 128);         // each producer thread: its copies landed
+      mbar_init(listed_full + 8 * s, 2 * 128);  // the same, and its ListedKey store
       mbar_init(v_full + 8 * s, 128);      // each producer thread: its copies landed
       mbar_init(k_empty + 8 * s, 256);
       mbar_init(v_empty + 8 * s, 256);
@@ -140,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int warp = tid / 32, lane = tid % 32;
     const int64_t row_base = (int64_t(b) * d.S * d.K + h) * D, row_stride = int64_t(d.K) * D;
     for (int c = 0; c < plan.num_chunks; ++c) {
-      const int stage = c & 1, slot = stage * kBN + tid;
+      const int stage = c & 1;
       const uint32_t use = c >> 1;
       const bool listed = c >= plan.window_chunks;
       // This thread's row of the chunk: its key index, -1 when there is none.
@@ -152,14 +161,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         j = list.key((c - plan.window_chunks) * kBN + tid, d.S);
       }
       if (c >= 2) mbar_wait(k_empty + 8 * stage, (use - 1) & 1);
-      keys_s[slot] = j;
-      if (listed) {
-        cp_async_4(smem_u32(u_s + slot), list.u + int64_t(j >= 0 ? j : 0) * d.K, j >= 0);
-        cp_async_4(smem_u32(rank_s + slot), list.rank + (j >= 0 ? j : 0), j >= 0);
-      }
       gather_warp_rows<D>(sK + stage * L::kTileBytes, p.k, j, warp, lane, row_base, row_stride);
       cp_async_mbar_arrive(k_full + 8 * stage);
-      mbar_arrive(k_full + 8 * stage);  // releases the key index store
+      if (listed) {
+        // Listed chunk l's keys in ListedKey slots l & 1, free since listed chunk l - 2 (chunk
+        // c - 2, whose K stage this thread just waited for) was released.
+        const int l = c - plan.window_chunks;
+        ListedKey* key = listed_s + (l & 1) * kBN + tid;
+        key->key = j >= 0 ? j : INT_MAX;
+        cp_async_4(smem_u32(&key->rank), list.rank + (j >= 0 ? j : 0), j >= 0);
+        cp_async_4(smem_u32(&key->u), list.u + int64_t(j >= 0 ? j : 0) * d.K, j >= 0);
+        cp_async_mbar_arrive(listed_full + 8 * (l & 1));
+        mbar_arrive(listed_full + 8 * (l & 1));  // releases the key store
+      }
       if (c >= 2) mbar_wait(v_empty + 8 * stage, (use - 1) & 1);
       gather_warp_rows<D>(sV + stage * L::kTileBytes, p.v, j, warp, lane, row_base, row_stride);
       cp_async_mbar_arrive(v_full + 8 * stage);
@@ -189,56 +203,60 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncwarp();
     // Scores of chunk `it` -> masked log2-domain scores -> one online-softmax step; then the
-    // stage's K, key indices, scores and ranks are free.
+    // stage's K (and a listed chunk's ListedKey slots) are free. Both kinds of chunk mask
+    // without branches: the softmax runs under the other consumer's GEMMs only while it is
+    // shorter than them.
     auto softmax_chunk = [&](int it, float(&s)[kBN / 8][4], float(&alpha)[2]) {
       const int stage = it & 1;
-      const int32_t* keys = keys_s + stage * kBN;
       if (it < plan.window_chunks) {
+        // Key j = k0 + column.
+        const int k0 = plan.window_lo + it * kBN;
         Interval window[2];
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri) window[ri] = row_keys(p.window, row_a + 8 * ri);
 #pragma unroll
         for (int jn = 0; jn < kBN / 8; ++jn) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = keys[jn * 8 + 2 * t4 + e];
-#pragma unroll
-            for (int ri = 0; ri < 2; ++ri) {
-              float& x = s[jn][2 * ri + e];
-              x = j >= window[ri].lo && j <= window[ri].hi ? x * p.scale_log2 : -INFINITY;
-            }
+          for (int v = 0; v < 4; ++v) {
+            const int j = k0 + jn * 8 + 2 * t4 + (v & 1);
+            const Interval& w = window[v >> 1];
+            float& x = s[jn][v];
+            x = j >= w.lo && j <= w.hi ? x * p.scale_log2 : -INFINITY;
           }
         }
         softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha);
         mbar_arrive(k_empty + 8 * stage);
         return;
       }
-      const float* us = u_s + stage * kBN;
-      const int32_t* ranks = rank_s + stage * kBN;
+      const int l = it - plan.window_chunks;
+      mbar_wait(listed_full + 8 * (l & 1), (l >> 1) & 1);
+      const ListedKey* keys = listed_s + (l & 1) * kBN;
       QuerySelection sel[2];
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
         const RowSelection r = rows_s[ct.row + 8 * ri];
         sel[ri] = {r.num_candidates, 0, 0.f, r.min_rank, r.tau, r.position};
       }
+      const unsigned window_keys = d.causal ? 0u : 2u * d.window - 1u;
 #pragma unroll
       for (int jn = 0; jn < kBN / 8; ++jn) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int col = jn * 8 + 2 * t4 + e;
-          const int j = keys[col], rank_j = ranks[col];
-          const float uj = us[col];
+          const ListedKey key = keys[jn * 8 + 2 * t4 + e];
 #pragma unroll
           for (int ri = 0; ri < 2; ++ri) {
-            const bool selected = j >= 0 && sel[ri].SelectsByRank(j, rank_j);
+            const float gate = sel[ri].ListedGate(key.key, key.rank, key.u, d.window, window_keys);
             float& x = s[jn][2 * ri + e];
-            x = sel[ri].Gate(selected, j, uj, d.causal, d.window) > 0.f ? x * p.scale_log2 : -INFINITY;
+            x = gate > 0.f ? x * p.scale_log2 : -INFINITY;
           }
         }
       }
-      // The gate again after exp2 (the scores of unselected keys are 0 by then).
+      // The gate again after exp2 (the scores of unselected keys are 0 by then), its score
+      // loaded again. The __syncwarp keeps the compiler from loading the 32 records early and
+      // holding them through the max, which spilled.
+      __syncwarp();
       softmax_update_log2<kBN / 8>(s, m_run, l_run, alpha, [&](int jn, int v) {
-        return sel[v >> 1].SoftGate(us[jn * 8 + 2 * t4 + (v & 1)]);
+        return sel[v >> 1].SoftGate(keys[jn * 8 + 2 * t4 + (v & 1)].u);
       });
       mbar_arrive(k_empty + 8 * stage);
     };
