@@ -64,7 +64,7 @@ struct QuerySelection {
   }
 
   // The gate of listed key j (rank rank_j, score uj) in the forward: SoftGate(uj) when selected
-  // and outside the keys [p_i - window, p_i + window) that a non-causal query's window takes
+  // and outside the keys p_i - window < j < p_i + window that a non-causal query's window takes
   // (window_keys = 2 * window - 1 then, 0 when causal), else 0. No branch: a chunk's 128 x 64
   // gates compile to straight-line code.
   __device__ __forceinline__ float ListedGate(int j, int rank_j, float uj, int window,
@@ -72,6 +72,10 @@ struct QuerySelection {
     const unsigned past_window_lo = unsigned(j) - unsigned(position - window + 1);
     const bool keep = (j < num_candidates) & (rank_j >= min_rank) & (past_window_lo >= window_keys);
     return keep ? SoftGate(uj) : 0.f;
+  }
+
+  __device__ __forceinline__ bool SelectsByScore(int j, float uj) const {
+    return j < num_candidates && (kth < 0 || uj > u_kth || (uj == u_kth && j >= kth));
   }
 
   // Gate of listed key j with score uj: clip(uj - tau, 0, 1) when selected (and, non-causal,
