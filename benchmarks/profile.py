@@ -1,7 +1,7 @@
-"""python -m benchmarks.profile PRESET [--scale-down F] [--kernel REGEX]: our forward of PRESET
-under Nsight Compute (`ncu --clock-control none --set basic`, boost clocks as in the timed runs),
+"""python -m benchmarks.profile PRESET [--scale-down F] [--pass fwd+bwd] [--kernel REGEX]: our
+forward (or forward and backward) of PRESET under Nsight Compute (`ncu --clock-control none --set basic`, boost clocks as in the timed runs),
 summarised per kernel (name, launch shape, duration, achieved SM and memory throughput as % of
-peak) into benchmarks/results/<device-slug>/profiles/<date>-<preset>.txt.
+peak) into benchmarks/results/<device-slug>/profiles/<date>-<preset>[-fwd-bwd].txt.
 
 With --kernel, the first launch of the one kernel whose name matches REGEX instead, in detail:
 ncu's sections on throughput, warp states (why warps stall), scheduler, memory and occupancy,
@@ -45,20 +45,27 @@ TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
          "second": 1e6, "s": 1e6}
 
 
-def command(preset: str, scale_down: int = 1, ncu: str = "ncu", python: str = sys.executable) -> list[str]:
-    """The ncu command line that profiles our forward of `preset`."""
-    return [ncu, *NCU_FLAGS, python, "-m", "benchmarks.profile", preset,
-            "--scale-down", str(scale_down), "--child"]
+def child(preset: str, scale_down: int, passes: str, python: str) -> list[str]:
+    """The command line of the process that ncu profiles."""
+    return [python, "-m", "benchmarks.profile", preset, "--scale-down", str(scale_down),
+            "--pass", passes, "--child"]
+
+
+def command(preset: str, scale_down: int = 1, ncu: str = "ncu", python: str = sys.executable,
+            passes: str = "fwd") -> list[str]:
+    """The ncu command line that profiles our `passes` of `preset`."""
+    return [ncu, *NCU_FLAGS, *child(preset, scale_down, passes, python)]
 
 
 def detail_commands(preset: str, kernel: str, report_path: str, scale_down: int = 1,
-                    ncu: str = "ncu", python: str = sys.executable) -> list[list[str]]:
+                    ncu: str = "ncu", python: str = sys.executable,
+                    passes: str = "fwd") -> list[list[str]]:
     """ncu command lines for --kernel: profile into report_path, then print its details page
     and its source page (SASS, CSV)."""
     sections = [a for name in DETAIL_SECTIONS for a in ("--section", name)]
     profile = [ncu, "--clock-control", "none", *sections, "--kernel-name-base", "demangled",
                "--kernel-name", f"regex:{kernel}", "--launch-count", "1", "-f", "-o", report_path,
-               python, "-m", "benchmarks.profile", preset, "--scale-down", str(scale_down), "--child"]
+               *child(preset, scale_down, passes, python)]
     rep = report_path + ".ncu-rep"
     return [profile, [ncu, "-i", rep, "--page", "details"],
             [ncu, "-i", rep, "--page", "source", "--csv", "--print-source", "sass"]]
@@ -148,13 +155,14 @@ def summary(kernels: list[dict], title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _child(preset: str, scale_down: int) -> None:
-    """Our forward of the preset, one call (compiled first), on inputs made on the host."""
+def _child(preset: str, scale_down: int, passes: str) -> None:
+    """Our forward (and backward) of the preset, one call (compiled first), on inputs made on
+    the host."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from benchmarks import peers
+    from benchmarks import peers, runner
 
     spec = problems.scale_down(PRESETS[preset], scale_down)
     rng = np.random.default_rng(0)
@@ -167,9 +175,14 @@ def _child(preset: str, scale_down: int) -> None:
         host["block_mask"] = rng.random(grid) < (0.5 if spec.block_density is None else spec.block_density)
     if spec.k_select is not None:
         host["scores"] = 2 * rng.standard_normal((spec.B, spec.s, spec.k), np.float32)
-    (impl,) = peers.build(spec, host, ("fwd",), print, only={report.OURS})
+    (impl,) = peers.build(spec, host, (passes,), print, only={report.OURS})
     args = [jax.device_put(host[n]) for n in impl.args]
-    jax.block_until_ready(jax.jit(impl.fn)(*args))
+    if passes == "fwd":
+        jax.block_until_ready(jax.jit(impl.fn)(*args))
+    else:
+        do = jax.device_put(rng.standard_normal(host["q"].shape[:3] + (spec.dv,), np.float32)
+                            .astype(jnp.dtype(spec.dtype)))
+        jax.block_until_ready(jax.jit(runner.fwd_bwd(impl))(do, *args))
 
 
 def main(argv=None) -> None:
@@ -177,6 +190,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("preset")
     p.add_argument("--scale-down", type=int, default=1)
+    p.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd"), default="fwd")
     p.add_argument("--out", type=Path, default=report.RESULTS)
     p.add_argument("--timeout", type=float, default=300, help="seconds ncu may take")
     p.add_argument("--kernel", help="profile the first launch of this kernel (regex) in detail")
@@ -184,7 +198,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     (preset,) = resolve([args.preset])
     if args.child:
-        return _child(preset, args.scale_down)
+        return _child(preset, args.scale_down, args.passes)
     ncu = shutil.which("ncu")
     if ncu is None:
         print("ncu is not on PATH: no profile (Nsight Compute ships with the CUDA toolkit)")
@@ -204,12 +218,14 @@ def main(argv=None) -> None:
     device = jax.devices()[0].device_kind
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     name = preset + (f"-div{args.scale_down}" if args.scale_down > 1 else "")
+    name += "" if args.passes == "fwd" else "-fwd-bwd"
     path = Path(args.out) / report.device_slug(device) / "profiles" / f"{date}-{name}.txt"
     if args.kernel:
         path = path.with_name(f"{date}-{name}-{re.sub(r'[^A-Za-z0-9_]+', '_', args.kernel)}.txt")
         with tempfile.TemporaryDirectory() as tmp:
             outputs = []
-            for cmd in detail_commands(preset, args.kernel, str(Path(tmp) / "kernel"), args.scale_down, ncu):
+            for cmd in detail_commands(preset, args.kernel, str(Path(tmp) / "kernel"), args.scale_down,
+                                       ncu, passes=args.passes):
                 try:
                     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
                 except (OSError, subprocess.TimeoutExpired) as e:
@@ -222,12 +238,12 @@ def main(argv=None) -> None:
         # The whole SASS listing with its samples first, for reading the kernel's loops in order.
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".sass.csv").write_text(outputs[2])
-        text = (f"{name} forward, ours, {device}, ncu sections {', '.join(DETAIL_SECTIONS)}\n"
+        text = (f"{name} ({args.passes}), ours, {device}, ncu sections {', '.join(DETAIL_SECTIONS)}\n"
                 f"{outputs[1]}\n{top_stalls(outputs[2])}")
     else:
         try:
-            done = subprocess.run(command(preset, args.scale_down, ncu), capture_output=True, text=True,
-                                  env=env, timeout=args.timeout)
+            done = subprocess.run(command(preset, args.scale_down, ncu, passes=args.passes),
+                                  capture_output=True, text=True, env=env, timeout=args.timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             print(f"ncu did not finish: {e}")
             return
@@ -235,7 +251,7 @@ def main(argv=None) -> None:
         if done.returncode != 0 or not kernels:
             print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
             return
-        text = summary(kernels, f"{name} forward, ours, {device}, ncu --set basic")
+        text = summary(kernels, f"{name} ({args.passes}), ours, {device}, ncu --set basic")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(path.read_text() + f"wrote {path}")

@@ -62,9 +62,16 @@ def _measure_jax(impl: peers.Impl, arrays: dict, do, passes: str, iters: int):
         f = jax.jit(impl.fn)
         ms, o = timing.median_ms(lambda: f(*args), jax.block_until_ready, iters)
         return ms, {"o": o}
+    f = jax.jit(fwd_bwd(impl))
+    return timing.median_ms(lambda: f(do, *args), jax.block_until_ready, iters)
+
+
+def fwd_bwd(impl: peers.Impl) -> Callable:
+    """fn(do, *arrays named by impl.args): the forward and the gradient of sum(o * do) w.r.t.
+    impl.grad_args, as a dict by name."""
     diff = [impl.args.index(n) for n in impl.grad_args]
 
-    def fwd_bwd(do, *args):  # the gradient of sum(o * do) w.r.t. the grad_args
+    def fn(do, *args):
         def partial(*d):
             full = list(args)
             for i, x in zip(diff, d):
@@ -74,8 +81,7 @@ def _measure_jax(impl: peers.Impl, arrays: dict, do, passes: str, iters: int):
         _, vjp = jax.vjp(partial, *(args[i] for i in diff))
         return dict(zip(impl.grad_args, vjp(do)))
 
-    f = jax.jit(fwd_bwd)
-    return timing.median_ms(lambda: f(do, *args), jax.block_until_ready, iters)
+    return fn
 
 
 def _measure_torch(impl: peers.Impl, arrays: dict, do, passes: str, iters: int):

@@ -142,7 +142,9 @@ def test_ncu_command_and_summary():
     assert cmd[:8] == ["/opt/ncu", "--clock-control", "none", "--set", "basic", "--csv", "--page", "details"]
     assert cmd[8:14] == ["--kernel-name-base", "demangled", "--kernel-name",
                          "regex:jax_sparsek|SegmentedRadixSort", "--launch-count", "400"]
-    assert cmd[14:] == ["/py", "-m", "benchmarks.profile", "seed003", "--scale-down", "2", "--child"]
+    assert cmd[14:] == ["/py", "-m", "benchmarks.profile", "seed003", "--scale-down", "2", "--pass", "fwd",
+                        "--child"]
+    assert profile.command("seed003", passes="fwd+bwd")[-3:] == ["--pass", "fwd+bwd", "--child"]
     kernels = profile.parse_ncu_csv(NCU_SAMPLE)
     assert [k["name"] for k in kernels] == ["flash_fwd_kernel"] * 2 + ["lse_fixup"]
     first = kernels[0]
@@ -178,8 +180,8 @@ def test_ncu_kernel_detail():
     assert profile_cmd[profile_cmd.index("--kernel-name") + 1] == "regex:fwd_gather"
     assert profile_cmd[profile_cmd.index("--launch-count") + 1] == "1"
     assert profile_cmd[profile_cmd.index("-o") + 1] == "/tmp/rep"
-    assert profile_cmd[-7:] == ["/py", "-m", "benchmarks.profile", "sparsek-long32k", "--scale-down", "1",
-                                "--child"]
+    assert profile_cmd[-9:] == ["/py", "-m", "benchmarks.profile", "sparsek-long32k", "--scale-down", "1",
+                                "--pass", "fwd", "--child"]
     assert details == ["/opt/ncu", "-i", "/tmp/rep.ncu-rep", "--page", "details"]
     assert source == ["/opt/ncu", "-i", "/tmp/rep.ncu-rep", "--page", "source", "--csv", "--print-source", "sass"]
     # Instructions by their share of the stall samples, most first; empty counts are 0.
@@ -195,5 +197,6 @@ def test_profile_without_ncu_says_so(monkeypatch, capsys):
     monkeypatch.setattr(profile.shutil, "which", lambda _: None)
     assert cli.main(["--profile", "decode32k"]) == []
     assert "ncu is not on PATH" in capsys.readouterr().out
-    # The child (what ncu would run) runs our forward here too.
+    # The child (what ncu would run) runs here too: a forward, and a forward and backward.
     profile.main(["decode32k", "--scale-down", "64", "--child"])
+    profile.main(["sparsek-seed003", "--scale-down", "64", "--pass", "fwd+bwd", "--child"])
