@@ -14,12 +14,11 @@
 //      on tensor cores, gates, P, dS and dm in registers, dq += dS K in registers; P and dS go
 //      to shared memory (16-bit) for dV = P^T dO and dK = scale dS^T Q, which are added to the
 //      gathered rows with float4 atomics; dm column sums go to du (fp64 atomics), row sums G_i
-//      to mask_grad. At the end the CTA writes its rows of dq: scale * (dq_accum + its dq) in
-//      the input dtype (it owns them: every query row has one gather CTA);
+//      to mask_grad. At the end the CTA adds its dq to its own dq_accum rows;
 //   3. the tau term: tau_ranges_kernel (per key l: the query range of bwd_tau.cuh and a
 //      difference array of the support sizes), tau_prefix_kernel (per batch and kv head: prefix
 //      sums of G_i / |M_i| over the queries), tau_apply_kernel (dscores = du - range sum);
-//   4. LaunchScaleTo16Bit (flash backward's): dk, dv in the input dtype.
+//   4. LaunchScaleTo16Bit (flash backward's): dq = scale * dq_accum, dk, dv in the input dtype.
 // Not deterministic: dk, dv and du are summed with atomics in arbitrary order (dq too, in the
 // flash part), so results vary in the last bits from run to run.
 #include <cub/block/block_scan.cuh>
@@ -110,10 +109,8 @@ struct GatherBwdParams {
   const uint16_t *q, *k, *v, *o, *dout;  // 16-bit storage
   const float *scores, *tau, *lse;
   const int32_t *kth, *tile_keys, *tile_count, *key_rank;
-  const float* dq_accum;
-  float *dk_accum, *dv_accum;
+  float *dq_accum, *dk_accum, *dv_accum;
   double *mask_grad, *du;
-  uint16_t* dq;  // 16-bit, [B, T, N, D]
 };
 
 template <int D>
@@ -381,8 +378,8 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
     gather_chunk(stage, c + 2);
   }
 
-  // Epilogue: dq = scale * (dq_accum + this CTA's dq) for its rows (it owns them; the flash
-  // part finished earlier on the stream), mask_grad = G_i of this query head.
+  // Epilogue: dq_accum rows += dq (this CTA owns its rows; the flash part finished earlier on
+  // the stream), mask_grad = G_i of this query head.
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
     const int i = row_a + 8 * ri;
@@ -391,12 +388,13 @@ __global__ void __launch_bounds__(kThreads, 2) gather_bwd_kernel(const GatherBwd
     grad += __shfl_xor_sync(0xffffffffu, grad, 2);
     if (i >= d.T) continue;
     if (t4 == 0) p.mask_grad[(int64_t(b) * d.N + n) * d.T + i] = grad;
-    const int64_t at = query_offset(i - r0) + 2 * t4;
+    if (num_chunks == 0) continue;
+    float* row = p.dq_accum + query_offset(i - r0) + 2 * t4;
 #pragma unroll
     for (int nb = 0; nb < D / 8; ++nb) {
-      const float2 x = *reinterpret_cast<const float2*>(p.dq_accum + at + nb * 8);
-      *reinterpret_cast<uint32_t*>(p.dq + at + nb * 8) =
-          pack2<kBf16>(p.scale * (x.x + dq[nb][2 * ri]), p.scale * (x.y + dq[nb][2 * ri + 1]));
+      float2* at = reinterpret_cast<float2*>(row + nb * 8);
+      const float2 x = *at;
+      *at = make_float2(x.x + dq[nb][2 * ri], x.y + dq[nb][2 * ri + 1]);
     }
   }
 }
@@ -513,7 +511,7 @@ cudaError_t LaunchGather(const BackwardArgs& a, const Workspace& w, cudaStream_t
                           static_cast<const uint16_t*>(a.v), static_cast<const uint16_t*>(a.o),
                           static_cast<const uint16_t*>(a.do_), a.scores, a.tau, a.lse, a.kth,
                           a.tile_keys, a.tile_count, a.key_rank, w.dq_accum, w.dk_accum, w.dv_accum,
-                          w.mask_grad, w.du, static_cast<uint16_t*>(a.dq)};
+                          w.mask_grad, w.du};
   auto kernel = gather_bwd_kernel<kBf16, D>;
   constexpr int smem = Smem<D>::kBytes;
   cudaError_t err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem);
@@ -578,11 +576,13 @@ cudaError_t LaunchSparsekBackward(const BackwardArgs& a, cudaStream_t stream, st
   tau_apply_kernel<<<key_grid, kKeyThreads, 0, stream>>>(t);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  // 4. The 16-bit dk and dv (the gather kernel wrote dq).
-  if ((err = LaunchScaleTo16Bit(w.dk_accum, a.dk, int64_t(kv_elems), 1.f, a.bf16, stream)) != cudaSuccess) {
-    return err;
-  }
-  return LaunchScaleTo16Bit(w.dv_accum, a.dv, int64_t(kv_elems), 1.f, a.bf16, stream);
+  // 4. The 16-bit gradients.
+  auto convert = [&](const float* src, void* dst, size_t elements, float scale) {
+    return LaunchScaleTo16Bit(src, dst, int64_t(elements), scale, a.bf16, stream);
+  };
+  if ((err = convert(w.dq_accum, a.dq, q_elems, a.scale)) != cudaSuccess) return err;
+  if ((err = convert(w.dk_accum, a.dk, kv_elems, 1.f)) != cudaSuccess) return err;
+  return convert(w.dv_accum, a.dv, kv_elems, 1.f);
 }
 
 }  // namespace jax_sparsek::cuda::sparsek
