@@ -25,6 +25,7 @@ CONFIGS = {
     "window0": (1, 192, 192, 2, 2, 64, 24, 0, True),
     "k-covers": (1, 130, 130, 2, 1, 64, 200, 16, True),
     "noncausal": (2, 160, 200, 4, 2, 64, 30, 12, False),
+    "noncausal-window0": (1, 160, 200, 2, 1, 64, 30, 0, False),
     "decode": (2, 1, 1500, 8, 2, 128, 64, 32, True),
     "decode-few": (1, 5, 2048, 4, 4, 64, 100, 64, True),
     # The selection's prefix-sum path (queries at most 64 candidates apart) on a long row, at

@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const RowSelection r = rows_s[ct.row + 8 * ri];
         sel[ri] = {r.num_candidates, 0, 0.f, r.min_rank, r.tau, r.position};
       }
-      const unsigned window_keys = d.causal ? 0u : 2u * d.window - 1u;
+      const unsigned window_keys = d.causal || d.window == 0 ? 0u : 2u * d.window - 1u;
 #pragma unroll
       for (int jn = 0; jn < kBN / 8; ++jn) {
 #pragma unroll

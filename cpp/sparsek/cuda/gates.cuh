@@ -65,8 +65,8 @@ struct QuerySelection {
 
   // The gate of listed key j (rank rank_j, score uj) in the forward: SoftGate(uj) when selected
   // and outside the keys p_i - window < j < p_i + window that a non-causal query's window takes
-  // (window_keys = 2 * window - 1 then, 0 when causal), else 0. No branch: a chunk's 128 x 64
-  // gates compile to straight-line code.
+  // (window_keys = 2 * window - 1 then; 0 when causal or window = 0), else 0. No branch: a
+  // chunk's 128 x 64 gates compile to straight-line code.
   __device__ __forceinline__ float ListedGate(int j, int rank_j, float uj, int window,
                                               unsigned window_keys) const {
     const unsigned past_window_lo = unsigned(j) - unsigned(position - window + 1);
