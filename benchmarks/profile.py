@@ -1,6 +1,6 @@
 """python -m benchmarks.profile PRESET [--scale-down F] [--pass fwd+bwd] [--kernel REGEX]: our
-forward (or forward and backward) of PRESET under Nsight Compute (`ncu --clock-control none --set basic`, boost clocks as in the timed runs),
-summarised per kernel (name, launch shape, duration, achieved SM and memory throughput as % of
+forward (or forward and backward) of PRESET under Nsight Compute (`ncu --clock-control none
+--set basic`, boost clocks as in the timed runs), summarised per kernel (name, launch shape, duration, achieved SM and memory throughput as % of
 peak) into benchmarks/results/<device-slug>/profiles/<date>-<preset>[-fwd-bwd].txt.
 
 With --kernel, the first launch of the one kernel whose name matches REGEX instead, in detail:
@@ -35,10 +35,10 @@ from benchmarks.presets import PRESETS, resolve
 NCU_FLAGS = ("--clock-control", "none", "--set", "basic", "--csv", "--page", "details",
              "--kernel-name-base", "demangled", "--kernel-name", "regex:jax_sparsek|SegmentedRadixSort",
              "--launch-count", "400")
-# ncu's metric names (section GPU Speed Of Light Throughput) -> summary columns.
 # One kernel in detail (--kernel): these sections, and the source page's stall samples.
 DETAIL_SECTIONS = ("SpeedOfLight", "WarpStateStats", "SchedulerStats", "MemoryWorkloadAnalysis",
                    "Occupancy", "LaunchStats", "InstructionStats", "SourceCounters")
+# ncu's metric names (section GPU Speed Of Light Throughput) -> summary columns.
 METRICS = {"Duration": "duration_us", "Compute (SM) Throughput": "sm_pct",
            "Memory Throughput": "memory_pct", "DRAM Throughput": "dram_pct"}
 TO_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
@@ -75,11 +75,13 @@ def top_stalls(source_csv: str, count: int = 40) -> str:
     """The `count` SASS instructions with the most warp-stall samples in ncu's source page (CSV),
     each with its share of all samples."""
     lines = source_csv.splitlines()
-    start = next((i for i, line in enumerate(lines) if '"Address"' in line and '"Source"' in line), None)
+    start = next((i for i, line in enumerate(lines) if '"Address"' in line and '"Source"' in line),
+                 None)
     if start is None:
         return "no source page\n"
     rows = list(csv.DictReader(line for line in lines[start:] if line.startswith('"')))
-    total_col = next((c for c in (rows[0] if rows else {}) if c and c.startswith("Warp Stall Sampling (All")), None)
+    total_col = next((c for c in (rows[0] if rows else {})
+                      if c and c.startswith("Warp Stall Sampling (All")), None)
     if total_col is None:
         return "no stall samples in the source page: " + lines[start][:500] + "\n"
 
@@ -180,9 +182,22 @@ def _child(preset: str, scale_down: int, passes: str) -> None:
     if passes == "fwd":
         jax.block_until_ready(jax.jit(impl.fn)(*args))
     else:
-        do = jax.device_put(rng.standard_normal(host["q"].shape[:3] + (spec.dv,), np.float32)
+        do = jax.device_put(rng.standard_normal((spec.B, spec.T, spec.N, spec.dv), np.float32)
                             .astype(jnp.dtype(spec.dtype)))
         jax.block_until_ready(jax.jit(runner.fwd_bwd(impl))(do, *args))
+
+
+def _run_ncu(cmd: list[str], env: dict, timeout: float):
+    """ncu's stdout, or None after printing why it gave none."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"ncu did not finish: {e}")
+        return None
+    if done.returncode != 0:
+        print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
+        return None
+    return done.stdout
 
 
 def main(argv=None) -> None:
@@ -224,32 +239,23 @@ def main(argv=None) -> None:
         path = path.with_name(f"{date}-{name}-{re.sub(r'[^A-Za-z0-9_]+', '_', args.kernel)}.txt")
         with tempfile.TemporaryDirectory() as tmp:
             outputs = []
-            for cmd in detail_commands(preset, args.kernel, str(Path(tmp) / "kernel"), args.scale_down,
-                                       ncu, passes=args.passes):
-                try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-                except (OSError, subprocess.TimeoutExpired) as e:
-                    print(f"ncu did not finish: {e}")
+            for cmd in detail_commands(preset, args.kernel, str(Path(tmp) / "kernel"),
+                                       args.scale_down, ncu, passes=args.passes):
+                out = _run_ncu(cmd, env, args.timeout)
+                if out is None:
                     return
-                if done.returncode != 0:
-                    print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
-                    return
-                outputs.append(done.stdout)
+                outputs.append(out)
         # The whole SASS listing with its samples first, for reading the kernel's loops in order.
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".sass.csv").write_text(outputs[2])
         text = (f"{name} ({args.passes}), ours, {device}, ncu sections {', '.join(DETAIL_SECTIONS)}\n"
                 f"{outputs[1]}\n{top_stalls(outputs[2])}")
     else:
-        try:
-            done = subprocess.run(command(preset, args.scale_down, ncu, passes=args.passes),
-                                  capture_output=True, text=True, env=env, timeout=args.timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            print(f"ncu did not finish: {e}")
-            return
-        kernels = parse_ncu_csv(done.stdout)
-        if done.returncode != 0 or not kernels:
-            print(f"ncu failed (exit {done.returncode}):\n{(done.stderr or done.stdout)[-2000:]}")
+        out = _run_ncu(command(preset, args.scale_down, ncu, passes=args.passes), env, args.timeout)
+        kernels = parse_ncu_csv(out) if out is not None else []
+        if out is not None and not kernels:
+            print(f"ncu profiled no kernel:\n{out[-2000:]}")
+        if not kernels:
             return
         text = summary(kernels, f"{name} ({args.passes}), ours, {device}, ncu --set basic")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,8 @@ def _measure_jax(impl: peers.Impl, arrays: dict, do, passes: str, iters: int):
 
 
 def fwd_bwd(impl: peers.Impl) -> Callable:
-    """fn(do, *arrays named by impl.args): the forward and the gradient of sum(o * do) w.r.t.
-    impl.grad_args, as a dict by name."""
+    """fn(do, *arrays named by impl.args): the gradients of sum(o * do) w.r.t. impl.grad_args
+    (one forward and one backward), as a dict by name."""
     diff = [impl.args.index(n) for n in impl.grad_args]
 
     def fn(do, *args):

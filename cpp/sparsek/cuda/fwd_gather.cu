@@ -34,6 +34,7 @@ struct FusedFwdParams {
   SparsekDims dims;
   MaskSpec window;   // WindowMask(dims); used only when has_window
   bool has_window;   // window > 0 and S > 0
+  unsigned listed_window_keys;  // ListedWindowKeys(dims)
   float scale_log2;
   const uint16_t *k, *v;
   const float *scores, *tau;
@@ -41,12 +42,19 @@ struct FusedFwdParams {
   float* lse;
 };
 
+// What the softmax of a listed chunk needs of one of its keys, one 16-byte load: the key index
+// (INT_MAX for padding, which no query selects), its rank and its score u_j.
+struct alignas(16) ListedKey {
+  int key, rank;
+  float u;
+};
+
 template <int D>
 struct Smem {
   static constexpr uint32_t kQBytes = kBM * D * 2, kTileBytes = kBN * D * 2;
   static constexpr uint32_t kQ = 0, kK = kQ + kQBytes, kV = kK + 2 * kTileBytes;  // K[2], V[2]
   static constexpr uint32_t kListed = kV + 2 * kTileBytes;   // ListedKey [2][kBN]
-  static constexpr uint32_t kRows = kListed + 2 * kBN * 16;   // RowSelection [kBM]
+  static constexpr uint32_t kRows = kListed + 2 * kBN * sizeof(ListedKey);  // RowSelection [kBM]
   static constexpr uint32_t kBars = kRows + kBM * 16;         // 11 mbarriers
   static constexpr int kBytes = 1024 + kBars + 11 * 8;
 };
@@ -67,14 +75,6 @@ struct ChunkPlan {
     window_chunks = window_hi >= window_lo ? (window_hi - window_lo) / kBN + 1 : 0;
     num_chunks = window_chunks + (list_count + kBN - 1) / kBN;
   }
-};
-
-// What the softmax of a listed chunk needs of one of its keys, one 16-byte load: the key index
-// (INT_MAX for padding, which no query selects), its rank and its score u_j.
-struct alignas(16) ListedKey {
-  int key, rank;
-  float u;
-  int unused;
 };
 
 // What the softmax of a listed chunk needs of one query row (QuerySelection's fields), kept in
@@ -128,9 +128,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     mbar_init(bar_q, 1);
     for (int s = 0; s < 2; ++s) {
-      mbar_init(k_full + 8 * s, 128);         // each producer thread: its copies landed
+      mbar_init(k_full + 8 * s, 128);           // each producer thread: its copies landed
       mbar_init(listed_full + 8 * s, 2 * 128);  // the same, and its ListedKey store
-      mbar_init(v_full + 8 * s, 128);      // each producer thread: its copies landed
+      mbar_init(v_full + 8 * s, 128);           // each producer thread: its copies landed
       mbar_init(k_empty + 8 * s, 256);
       mbar_init(v_empty + 8 * s, 256);
     }
@@ -237,7 +237,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         const RowSelection r = rows_s[ct.row + 8 * ri];
         sel[ri] = {r.num_candidates, 0, 0.f, r.min_rank, r.tau, r.position};
       }
-      const unsigned window_keys = d.causal || d.window == 0 ? 0u : 2u * d.window - 1u;
 #pragma unroll
       for (int jn = 0; jn < kBN / 8; ++jn) {
 #pragma unroll
@@ -245,7 +244,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const ListedKey key = keys[jn * 8 + 2 * t4 + e];
 #pragma unroll
           for (int ri = 0; ri < 2; ++ri) {
-            const float gate = sel[ri].ListedGate(key.key, key.rank, key.u, d.window, window_keys);
+            const float gate =
+                sel[ri].ListedGate(key.key, key.rank, key.u, d.window, p.listed_window_keys);
             float& x = s[jn][2 * ri + e];
             x = gate > 0.f ? x * p.scale_log2 : -INFINITY;
           }
@@ -308,6 +308,7 @@ cudaError_t LaunchSparsekForward(const ForwardArgs& a, cudaStream_t stream, std:
   const FusedFwdParams p{d,
                          WindowMask(d),
                          d.window > 0 && d.S > 0,
+                         ListedWindowKeys(d),
                          a.scale * kLog2e,
                          static_cast<const uint16_t*>(a.k),
                          static_cast<const uint16_t*>(a.v),

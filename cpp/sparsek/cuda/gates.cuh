@@ -26,6 +26,13 @@ inline MaskSpec WindowMask(const SparsekDims& d) {
   return m;
 }
 
+// How many listed keys around its position a query skips because its window holds them:
+// 2 * window - 1 (|p_i - j| < window) when non-causal, none when causal (the window keys are
+// never candidates) or without a window.
+inline unsigned ListedWindowKeys(const SparsekDims& d) {
+  return d.causal || d.window <= 0 ? 0u : 2u * unsigned(d.window) - 1u;
+}
+
 // One query's selection: candidates are keys [0, num_candidates); a candidate is selected iff
 // (u_j, j) >= (u_kth, kth), always when kth < 0. select.cu ranks every key in that order
 // (key_rank), so the same test is rank_j >= rank of kth: one compare, which the forward uses;
@@ -64,13 +71,14 @@ struct QuerySelection {
   }
 
   // The gate of listed key j (rank rank_j, score uj) in the forward: SoftGate(uj) when selected
-  // and outside the keys p_i - window < j < p_i + window that a non-causal query's window takes
-  // (window_keys = 2 * window - 1 then; 0 when causal or window = 0), else 0. No branch: a
-  // chunk's 128 x 64 gates compile to straight-line code.
+  // and not among the window_keys = ListedWindowKeys(dims) keys from p_i - window + 1 that the
+  // query's window takes, else 0. No branch: a chunk's 128 x 64 gates compile to straight-line
+  // code.
   __device__ __forceinline__ float ListedGate(int j, int rank_j, float uj, int window,
                                               unsigned window_keys) const {
     const unsigned past_window_lo = unsigned(j) - unsigned(position - window + 1);
-    const bool keep = (j < num_candidates) & (rank_j >= min_rank) & (past_window_lo >= window_keys);
+    const bool keep =
+        (j < num_candidates) & (rank_j >= min_rank) & (past_window_lo >= window_keys);
     return keep ? SoftGate(uj) : 0.f;
   }
 
