@@ -1,47 +1,17 @@
-// Backward pass (FlashAttention-2 style, mma.sync m16n8k16), three kernels on one stream:
-//   1. bwd_delta_kernel: delta_i = sum_d dO_id O_id per query row (fp32), written into the dq
-//      output buffer, which is free until step 3 (2 D >= 128 bytes per row: room for delta and
-//      the deterministic mode's counters);
-//   2. bwd_kernel: one CTA per (128-key tile, kv head, batch), 8 warps of 16 keys each. K and
-//      V stay in shared memory; for every query head of the kv head's group and every query
-//      tile (64 rows) that sees the key tile, Q and dO stream through a two-stage TMA
-//      pipeline, and the CTA accumulates dK and dV in registers (no atomics, deterministic)
-//      and adds its dQ share to the fp32 workspace with atomics;
-//   3. scale_to_16bit_kernel: dq = scale * dq_accum in the input dtype.
-// Deterministic mode (BwdArgs::deterministic): step 2 adds the dQ shares of a query tile in a
-// fixed order, the highest key tile first (still by atomics, which need no load round trip,
-// but one CTA after the other, so every element sums in the same order). A counter per (batch,
-// query head, query tile), next to delta in the dq buffer, says how many key tiles have added
-// theirs; a CTA waits for its turn. The key tiles launch highest first (blockIdx.x counts
-// down), so a CTA only waits for CTAs launched before it, and the wait ends as long as CTAs
-// start in launch order (the hardware's behaviour, not a CUDA guarantee). With causal
-// masks the highest key tiles see the fewest query tiles and finish first: the turns rarely
-// make a CTA wait.
-// Accumulation mode (BwdArgs::dk_accum / dv_accum set, used by SparseK's window part): step 2
-// stores fp32 dk and dv into those buffers instead, and step 3 is skipped.
-#include <algorithm>
-
-#include "attention_kernels.h"
-#include "ptx.cuh"
+// Portable backward kernel (FlashAttention-2 style, mma.sync m16n8k16), the reference point for
+// the Hopper one (bwd_wgmma.cu; JAX_SPARSEK_CUDA_BWD_KERNEL=mma selects this one). One CTA per
+// (128-key tile, kv head, batch), 8 warps of 16 keys each. K and V stay in shared memory; for
+// every query head of the kv head's group and every query tile (64 rows) that sees the key
+// tile, Q and dO stream through a two-stage TMA pipeline, and the CTA accumulates dK and dV in
+// registers (no atomics, deterministic) and adds its dQ share to the fp32 workspace with
+// atomics (in deterministic mode one key tile after the other: bwd_common.cuh's DqTurns).
+#include "bwd_common.cuh"
 
 namespace jax_sparsek::cuda {
 namespace {
 
-constexpr int kBM = 64;   // query rows per step
-constexpr int kBN = 128;  // keys per CTA
+constexpr int kBM = kBwdQueries, kBN = kBwdKeys;
 constexpr int kWarps = 8, kThreads = kWarps * 32;
-
-struct BwdKernelParams {
-  MaskSpec mask;
-  int N, K, group;
-  float scale, scale_log2;
-  const float* lse;    // [B, N, T]
-  const float* delta;  // [B, N, T]
-  float* dq_accum;     // [B, T, N, D]
-  int* dq_turns;       // [B, N, query tiles] counters in deterministic mode, else null
-  void *dk, *dv;       // [B, S, K, D]
-  float *dk_accum, *dv_accum;  // [B, S, K, D] fp32 in accumulation mode, else null
-};
 
 template <int D>
 struct Smem {
@@ -56,77 +26,12 @@ struct Smem {
   static constexpr int kBytes = 1024 + kNextTurn + 8;
 };
 
-// One step of the CTA's loop: query head (index within the group) and query tile.
-struct Step {
-  int hh, m;
-};
-
-// The next step at or after (hh, m_from) whose (query tile, key tile) is not off.
-__device__ __forceinline__ Step next_step(const BwdKernelParams& p, int b, int kvh, int c0,
-                                          TileRange qt, int hh, int m_from) {
-  for (; hh < p.group; ++hh, m_from = qt.first) {
-    const uint8_t* mask = p.mask.mask_for(b, kvh * p.group + hh);
-    const int m = next_query_tile(p.mask, mask, c0, kBN, kBM, m_from, qt.end);
-    if (m < qt.end) return {hh, m};
-  }
-  return {p.group, 0};
-}
-
-// Deterministic dQ, run by thread 0 of a CTA. Every (head, query tile) of the key tile's range
-// takes its turn, in the CTA's step order, also those the block mask turns off (they add
-// nothing); `next` (shared memory, which spares the main loop's registers) is the next
-// position to take. Key tile x's turn at query tile m comes after the key tiles above x that
-// see m: masking_test.cc checks that query_tiles and key_tiles agree on who sees m.
-struct DqTurns {
-  const BwdKernelParams* p;
-  int b, kvh, key_tile;
-  TileRange qt;
-  Step* next;
-
-  __device__ __forceinline__ int* counter(Step st) const {
-    const int num_query_tiles = (p->mask.T + kBM - 1) / kBM;
-    return p->dq_turns + (int64_t(b) * p->N + kvh * p->group + st.hh) * num_query_tiles + st.m;
-  }
-  // Waits until query tile st.m's counter reaches this key tile's turn; ld.acquire orders the
-  // CTA's adds (after a CTA barrier) after the previous key tiles' adds.
-  __device__ __forceinline__ void wait(Step st) const {
-    const int turn = key_tiles(p->mask, st.m * kBM, kBM, kBN).end - 1 - key_tile;
-    const int* c = counter(st);
-    for (;;) {
-      int done;
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(done) : "l"(c) : "memory");
-      if (done >= turn) return;
-      __nanosleep(100);
-    }
-  }
-  // Hands st's turn on (after a CTA barrier that follows the adds) and moves past st.
-  // Waiting relies on CTAs starting in block order (the hardware's; not a CUDA guarantee).
-  __device__ __forceinline__ void pass(Step st) const {
-    __threadfence();
-    atomicAdd(counter(st), 1);
-    *next = st.m + 1 == qt.end ? Step{st.hh + 1, qt.first} : Step{st.hh, st.m + 1};
-  }
-  // Takes and passes every turn before `until`: the steps the block mask skipped.
-  __device__ __forceinline__ void pass_before(Step until) const {
-    for (Step st = *next; st.hh < until.hh || (st.hh == until.hh && st.m < until.m); st = *next) {
-      wait(st);
-      pass(st);
-    }
-  }
-  // The turn of step st: the skipped steps' turns first, then wait for st's.
-  __device__ __forceinline__ void take_turn(Step st) const {
-    pass_before(st);
-    wait(st);
-  }
-};
-
 // kDeterministic is a template parameter: its turns cost the default kernel no registers.
 template <bool kBf16, int D, bool kDeterministic>
 __global__ void __launch_bounds__(kThreads, 1)
     bwd_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
                const BwdKernelParams p) {
-  using Elem = typename Elem16<kBf16>::type;
   using L = Smem<D>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
@@ -142,7 +47,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kvh = blockIdx.y, b = blockIdx.z;
   const int key_tile = kDeterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int c0 = key_tile * kBN;
-  const int T = p.mask.T, S = p.mask.S;
   const TileRange qt = query_tiles(p.mask, c0, kBN, kBM);
 
   if (tid == 0) {
@@ -161,20 +65,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     tma_load_tile<kBM, D>(sQ + stage * L::kQBytes, &tm_q, bar, st.m * kBM, h, b);
     tma_load_tile<kBM, D>(sDO + stage * L::kQBytes, &tm_do, bar, st.m * kBM, h, b);
   };
-  // Row statistics of a step: lse in the log2 domain (+inf for rows that see no key or lie
-  // past T, so that their probabilities are exactly 0) and delta. Thread t < 2 * kBM loads one.
-  auto load_stat = [&](Step st, int t) -> float {
-    if (st.hh >= p.group) return 0.f;
-    const int i = st.m * kBM + (t % kBM);
-    const int h = kvh * p.group + st.hh;
-    if (i >= T) return t < kBM ? INFINITY : 0.f;
-    const int64_t idx = (int64_t(b) * p.N + h) * T + i;
-    if (t < kBM) {
-      const float l = p.lse[idx];
-      return l == -INFINITY ? INFINITY : l * kLog2e;
-    }
-    return p.delta[idx];
-  };
   auto store_stat = [&](int stage, int t, float v) {
     if (t < kBM) lse_s[stage * kBM + t] = v;
     else delta_s[stage * kBM + t - kBM] = v;
@@ -190,8 +80,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (nxt.hh < p.group) load_qdo(1, nxt);
   }
   if (tid < 2 * kBM) {
-    store_stat(0, tid, load_stat(cur, tid));
-    store_stat(1, tid, load_stat(nxt, tid));
+    store_stat(0, tid, row_stat(p, b, kvh, cur, tid));
+    store_stat(1, tid, row_stat(p, b, kvh, nxt, tid));
   }
   __syncthreads();
 
@@ -230,44 +120,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // P^T = exp2(S^T * scale * log2e - lse2), zero where the query does not see the key
-    // (partial tiles: two compares per element, block-mask lookups only for tiles that
-    // straddle mask blocks); dS^T = P^T (dP^T - delta).
-    const float* lse2 = lse_s + stage * kBM;
-    const float* dlt = delta_s + stage * kBM;
-#pragma unroll
-    for (int nb = 0; nb < kBM / 8; ++nb) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        st[nb][v] = fast_exp2(st[nb][v] * p.scale_log2 - lse2[nb * 8 + 2 * t4 + (v & 1)]);
-      }
-    }
-    if (partial) {
-#pragma unroll
-      for (int nb = 0; nb < kBM / 8; ++nb) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const int i = q0 + nb * 8 + 2 * t4 + (v & 1);
-          const Interval& r = key_queries[v >> 1];
-          st[nb][v] = (i >= r.lo && i <= r.hi) ? st[nb][v] : 0.f;
-        }
-      }
-      if (mask) {
-#pragma unroll
-        for (int nb = 0; nb < kBM / 8; ++nb) {
-#pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            const int i = q0 + nb * 8 + 2 * t4 + (v & 1), j = key_a + 8 * (v >> 1);
-            if (st[nb][v] != 0.f && !block_on(p.mask, mask, i, j)) st[nb][v] = 0.f;
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int nb = 0; nb < kBM / 8; ++nb) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) dpt[nb][v] = st[nb][v] * (dpt[nb][v] - dlt[nb * 8 + 2 * t4 + (v & 1)]);
-    }
+    // P^T and dS^T (fp32, in place).
+    probabilities(st, p, lse_s + stage * kBM, partial, mask, q0, key_a, t4, key_queries);
+    dscores(st, dpt, delta_s + stage * kBM, t4);
 
     // 16-bit A fragments of P^T and dS^T (16 keys x 16 queries per k-step); the fp32 scores die.
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
@@ -307,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     Step after = nxt.hh < p.group ? next_step(p, b, kvh, c0, qt, nxt.hh, nxt.m + 1) : nxt;
     if (tid == 0 && after.hh < p.group) load_qdo(stage, after);
-    const float stat_prefetch = tid < 2 * kBM ? load_stat(after, tid) : 0.f;
+    const float stat_prefetch = tid < 2 * kBM ? row_stat(p, b, kvh, after, tid) : 0.f;
 
     // dQ (64 queries x D) += dS K: warp w takes queries 16 (w % 4).., columns (w / 4) D/2...
     {
@@ -331,17 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 0) turns.take_turn(cur);
         __syncthreads();  // every thread adds after the previous key tiles
       }
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
-        const int i = q0 + q_row0 + g + 8 * ri;
-        if (i >= T) continue;
-        float2* row = reinterpret_cast<float2*>(
-            p.dq_accum + ((int64_t(b) * T + i) * p.N + h) * D + d0 + 2 * t4);
-#pragma unroll
-        for (int nb = 0; nb < D / 16; ++nb) {
-          atomicAdd(row + nb * 4, make_float2(dq[nb][2 * ri], dq[nb][2 * ri + 1]));
-        }
-      }
+      add_dq<D>(p, dq, b, h, q0, q_row0 + g, d0, t4);
     }
     if (tid < 2 * kBM) store_stat(stage, tid, stat_prefetch);
     __syncthreads();  // (B) dS^T reads done; next stage's statistics visible; dQ added
@@ -356,144 +201,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0 && qt.first < qt.end) turns.pass_before({p.group, qt.first});
   }
 
-  // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO, keys < S (every key row is written,
-  // also in key tiles that no query sees).
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const int j = key_a + 8 * ri;
-    if (j >= S) continue;
-    const int64_t off = ((int64_t(b) * S + j) * p.K + kvh) * D + 2 * t4;
-    if (p.dk_accum) {
-#pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        *reinterpret_cast<float2*>(p.dk_accum + off + nb * 8) =
-            make_float2(dk[nb][2 * ri] * p.scale, dk[nb][2 * ri + 1] * p.scale);
-        *reinterpret_cast<float2*>(p.dv_accum + off + nb * 8) = make_float2(dv[nb][2 * ri], dv[nb][2 * ri + 1]);
-      }
-      continue;
-    }
-    Elem* dk_row = static_cast<Elem*>(p.dk) + off;
-    Elem* dv_row = static_cast<Elem*>(p.dv) + off;
-#pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
-      *reinterpret_cast<uint32_t*>(dk_row + nb * 8) =
-          pack2<kBf16>(dk[nb][2 * ri] * p.scale, dk[nb][2 * ri + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_row + nb * 8) = pack2<kBf16>(dv[nb][2 * ri], dv[nb][2 * ri + 1]);
-    }
-  }
-}
-
-// delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]; one warp per (b, i, h) row.
-template <bool kBf16, int D>
-__global__ void __launch_bounds__(256) bwd_delta_kernel(const uint16_t* o, const uint16_t* dout,
-                                                        float* delta, int64_t rows, int T, int N) {
-  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  constexpr int kPer = D / 32;  // 2 or 4 elements per lane
-  float acc = 0.f;
-  const uint16_t* orow = o + row * D + lane * kPer;
-  const uint16_t* drow = dout + row * D + lane * kPer;
-  if constexpr (kPer == 4) {
-    const uint2 ov = *reinterpret_cast<const uint2*>(orow), dv = *reinterpret_cast<const uint2*>(drow);
-    const float2 o0 = unpack2<kBf16>(ov.x), o1 = unpack2<kBf16>(ov.y);
-    const float2 d0 = unpack2<kBf16>(dv.x), d1 = unpack2<kBf16>(dv.y);
-    acc = o0.x * d0.x + o0.y * d0.y + o1.x * d1.x + o1.y * d1.y;
-  } else {
-    const float2 o0 = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(orow));
-    const float2 d0 = unpack2<kBf16>(*reinterpret_cast<const uint32_t*>(drow));
-    acc = o0.x * d0.x + o0.y * d0.y;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
-    const int h = int(row % N);
-    const int64_t bt = row / N;  // b * T + i
-    const int64_t b = bt / T, i = bt % T;
-    delta[(b * N + h) * T + i] = acc;
-  }
-}
-
-// dst = scale * src in the 16-bit dtype; 4 elements per thread.
-template <bool kBf16>
-__global__ void __launch_bounds__(256) scale_to_16bit_kernel(const float* src, uint16_t* dst,
-                                                             int64_t n4, float scale) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float4 v = reinterpret_cast<const float4*>(src)[i];
-    reinterpret_cast<uint2*>(dst)[i] =
-        make_uint2(pack2<kBf16>(v.x * scale, v.y * scale), pack2<kBf16>(v.z * scale, v.w * scale));
-  }
+  store_dk_dv<kBf16, D>(p, dk, dv, b, kvh, key_a, t4);
 }
 
 template <bool kBf16, int D>
-cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
-  const AttentionDims& d = a.dims;
-  const int64_t rows = int64_t(d.B) * d.T * d.N;
-  cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, rows * D * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
-  // delta, then the deterministic mode's counters, live in the dq buffer (2 D >= 128 bytes per
-  // row) until the dq conversion overwrites it.
-  float* delta = static_cast<float*>(a.dq);
-  int* dq_turns = nullptr;
-  if (a.deterministic && !a.dk_accum) {
-    dq_turns = reinterpret_cast<int*>(delta + rows);
-    const int64_t counters = int64_t(d.B) * d.N * ((d.T + kBM - 1) / kBM);
-    if ((err = cudaMemsetAsync(dq_turns, 0, counters * sizeof(int), stream)) != cudaSuccess) return err;
-  }
-  bwd_delta_kernel<kBf16, D><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(
-      static_cast<const uint16_t*>(a.o), static_cast<const uint16_t*>(a.do_), delta, rows, d.T, d.N);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  CUtensorMap tq, tk, tv, tdo;
-  if (!MakeTensorMap(&tq, a.q, kBf16, d.B, d.T, d.N, D, error) ||
-      !MakeTensorMap(&tk, a.k, kBf16, d.B, d.S, d.K, D, error) ||
-      !MakeTensorMap(&tv, a.v, kBf16, d.B, d.S, d.K, D, error) ||
-      !MakeTensorMap(&tdo, a.do_, kBf16, d.B, d.T, d.N, D, error)) {
-    return cudaErrorInvalidValue;
-  }
-  BwdKernelParams p{a.mask, d.N, d.K, d.group(), a.scale, a.scale * kLog2e,
-                    a.lse, delta, a.dq_accum, dq_turns, a.dk, a.dv, a.dk_accum, a.dv_accum};
-  auto kernel = dq_turns ? bwd_kernel<kBf16, D, true> : bwd_kernel<kBf16, D, false>;
+cudaError_t Launch(const BwdLaunch& l, cudaStream_t stream) {
+  auto kernel = l.deterministic ? bwd_kernel<kBf16, D, true> : bwd_kernel<kBf16, D, false>;
   constexpr int smem = Smem<D>::kBytes;
-  if ((err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem)) != cudaSuccess) return err;
-  const dim3 grid((d.S + kBN - 1) / kBN, d.K, d.B);
-  kernel<<<grid, kThreads, smem, stream>>>(tq, tk, tv, tdo, p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  if (a.dk_accum) return cudaSuccess;  // accumulation mode: the caller converts
-
-  return LaunchScaleTo16Bit(a.dq_accum, a.dq, rows * D, a.scale, kBf16, stream);
+  const cudaError_t err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<l.grid, kThreads, smem, stream>>>(l.tm_q, l.tm_k, l.tm_v, l.tm_do, l.params);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t LaunchScaleTo16Bit(const float* src, void* dst, int64_t elements, float scale, bool bf16,
-                               cudaStream_t stream) {
-  const int64_t n4 = elements / 4;
-  const unsigned blocks = unsigned(std::min<int64_t>((n4 + 255) / 256, 1 << 16));
-  auto kernel = bf16 ? scale_to_16bit_kernel<true> : scale_to_16bit_kernel<false>;
-  kernel<<<blocks, 256, 0, stream>>>(src, static_cast<uint16_t*>(dst), n4, scale);
-  return cudaGetLastError();
-}
-
-cudaError_t LaunchFlashBackward(const BwdArgs& a, cudaStream_t stream, std::string* error) {
-  const AttentionDims& d = a.dims;
-  const int64_t q_bytes = int64_t(d.B) * d.T * d.N * d.D * 2, kv_bytes = int64_t(d.B) * d.S * d.K * d.D * 2;
-  if (q_bytes == 0 || kv_bytes == 0) {  // no queries or no keys: every gradient is zero
-    cudaError_t err = cudaSuccess;
-    if (a.dk_accum) {  // accumulation mode: the outputs are the fp32 buffers
-      if (q_bytes) err = cudaMemsetAsync(a.dq_accum, 0, 2 * q_bytes, stream);
-      if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dk_accum, 0, 2 * kv_bytes, stream);
-      if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dv_accum, 0, 2 * kv_bytes, stream);
-      return err;
-    }
-    if (q_bytes) err = cudaMemsetAsync(a.dq, 0, q_bytes, stream);
-    if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dk, 0, kv_bytes, stream);
-    if (err == cudaSuccess && kv_bytes) err = cudaMemsetAsync(a.dv, 0, kv_bytes, stream);
-    return err;
-  }
-  if (a.dims.D == 64) return a.bf16 ? Launch<true, 64>(a, stream, error) : Launch<false, 64>(a, stream, error);
-  return a.bf16 ? Launch<true, 128>(a, stream, error) : Launch<false, 128>(a, stream, error);
+cudaError_t LaunchBwdMma(const BwdLaunch& l, cudaStream_t stream) {
+  if (l.D == 64) return l.bf16 ? Launch<true, 64>(l, stream) : Launch<false, 64>(l, stream);
+  return l.bf16 ? Launch<true, 128>(l, stream) : Launch<false, 128>(l, stream);
 }
 
 }  // namespace jax_sparsek::cuda

@@ -7,8 +7,8 @@ them), so it needs no Python wrapper. Run on an H100 from the repository root af
     PYTHONPATH=. python3 cpp/flash_attention/cuda/check_and_time.py all
 
 `all` runs each stage in a subprocess with a time limit (a hung kernel costs its stage, not
-the run): `check` (fresh random inputs, float32 reference, outputs poisoned beforehand, every
-forward kernel variant and the backward), `sanitize` (compute-sanitizer memcheck + racecheck
+the run): `check [STAGE,...]` (fresh random inputs, float32 reference, outputs poisoned beforehand, every
+forward and backward kernel variant), `sanitize` (compute-sanitizer memcheck + racecheck
 on small shapes), `time` (median times next to jax.nn.dot_product_attention's cuDNN kernel;
 the table comes last).
 """
@@ -27,6 +27,7 @@ import numpy as np
 
 HERE = os.path.abspath(__file__)
 FWD_KERNELS = ("mma", "wgmma_nopingpong", "wgmma")
+BWD_KERNELS = ("mma", "wgmma")
 
 
 def _jax():
@@ -214,8 +215,9 @@ def check_forward(kernel, dtype, D, ci, seed):
     return ok, f"o {err:.2e} lse {lse_err:.1e} empty-rows {int(empty.sum())} {'ok' if ok_inf and zero_rows else 'BAD'}"
 
 
-def check_backward(dtype, D, ci, seed, deterministic=False):
+def check_backward(kernel, dtype, D, ci, seed, deterministic=False):
     jax, jnp = _jax()
+    os.environ["JAX_SPARSEK_CUDA_BWD_KERNEL"] = kernel
     c = case_data(dtype, D, ci, seed)
     (q, k, v, do), args = c["inputs"], c["args"]
     args = dict(args, deterministic=deterministic)
@@ -229,7 +231,7 @@ def check_backward(dtype, D, ci, seed, deterministic=False):
     return all(e < bound for e in errs), "dq {:.2e} dk {:.2e} dv {:.2e}".format(*errs)
 
 
-def stage_check():
+def stage_check(only=None):
     jax, jnp = _jax()
     print("device:", jax.devices()[0].device_kind, flush=True)
     seed = int(time.time()) % 100000
@@ -245,11 +247,12 @@ def stage_check():
         except Exception as e:  # noqa: BLE001
             msg = str(e).splitlines()[0][:160]
             print(f"REJECT {what}: {msg}", flush=True)
-    # The default kernel (wgmma) and the backward see every case; the two alternative forward
-    # kernels one dtype each.
-    dtypes = {"wgmma": ("bfloat16", "float16"), "bwd": ("bfloat16", "float16"),
-              "wgmma_nopingpong": ("float16",), "mma": ("bfloat16",), "bwd_deterministic": ("float16",)}
-    for stage in ("wgmma", "wgmma_nopingpong", "mma", "bwd", "bwd_deterministic"):
+    # The default kernels (wgmma) see every case with both dtypes; the alternatives and the
+    # deterministic backward one dtype each.
+    dtypes = {"wgmma": ("bfloat16", "float16"), "bwd_wgmma": ("bfloat16", "float16"),
+              "wgmma_nopingpong": ("float16",), "mma": ("bfloat16",), "bwd_mma": ("float16",),
+              "bwd_wgmma_deterministic": ("float16",), "bwd_mma_deterministic": ("bfloat16",)}
+    for stage in only or dtypes:
         n_ok = n_all = 0
         for dtype in dtypes[stage]:
             for D in (64, 128):
@@ -257,7 +260,8 @@ def stage_check():
                     seed += 1
                     try:
                         if stage.startswith("bwd"):
-                            ok, msg = check_backward(dtype, D, ci, seed, stage == "bwd_deterministic")
+                            ok, msg = check_backward(stage.split("_")[1], dtype, D, ci, seed,
+                                                     stage.endswith("deterministic"))
                         else:
                             ok, msg = check_forward(stage, dtype, D, ci, seed)
                     except Exception as e:  # noqa: BLE001
@@ -278,10 +282,12 @@ def stage_sanitize_body():
         for ci in (1, 8):
             (q, k, v, do), args = make_case(CASES[ci], "float16", 128, 1)
             o, lse = jax.block_until_ready(jax.jit(lambda q, k, v: ffi_fwd(q, k, v, **args))(q, k, v))
-            if kernel == "mma":
-                for deterministic in (False, True):
-                    jax.block_until_ready(jax.jit(
-                        lambda *a: ffi_bwd(*a, **args, deterministic=deterministic))(q, k, v, o, lse, do))
+            if kernel == "wgmma":
+                for bwd_kernel in BWD_KERNELS:
+                    os.environ["JAX_SPARSEK_CUDA_BWD_KERNEL"] = bwd_kernel
+                    for deterministic in (False, True):
+                        jax.block_until_ready(jax.jit(
+                            lambda *a: ffi_bwd(*a, **args, deterministic=deterministic))(q, k, v, o, lse, do))
     print("sanitize body done", flush=True)
 
 
@@ -369,12 +375,15 @@ def stage_time(kernels):
             o, lse = fwd(q, k, v)
             bwd = jax.jit(lambda *a: ffi_bwd(*a, **args))
             bwd_det = jax.jit(lambda *a: ffi_bwd(*a, **args, deterministic=True))
-            try:
-                add(name, "jax-sparsek bwd (mma.sync)", bench(bwd, q, k, v, o, lse, do), 2.5 * flops, H)
-                add(name, "jax-sparsek bwd deterministic", bench(bwd_det, q, k, v, o, lse, do),
-                    2.5 * flops, H)
-            except Exception as e:  # noqa: BLE001
-                print("   bwd failed:", str(e)[:200], flush=True)
+            for bwd_kernel in BWD_KERNELS:
+                os.environ["JAX_SPARSEK_CUDA_BWD_KERNEL"] = bwd_kernel
+                try:
+                    add(name, f"jax-sparsek bwd {bwd_kernel}", bench(bwd, q, k, v, o, lse, do),
+                        2.5 * flops, H)
+                    add(name, f"jax-sparsek bwd {bwd_kernel} deterministic",
+                        bench(bwd_det, q, k, v, o, lse, do), 2.5 * flops, H)
+                except Exception as e:  # noqa: BLE001
+                    print("   bwd", bwd_kernel, "failed:", str(e)[:200], flush=True)
             del o, lse
         if "block" not in kw and "dense" not in name:
             cud_kw = dict(is_causal=kw["causal"], implementation="cudnn")
@@ -416,7 +425,7 @@ def run_stage(args, timeout):
 def main():
     stage = sys.argv[1] if len(sys.argv) > 1 else "all"
     if stage == "check":
-        stage_check()
+        stage_check(sys.argv[2].split(",") if len(sys.argv) > 2 else None)
     elif stage == "sanitize":
         stage_sanitize()
     elif stage == "sanitize-body":

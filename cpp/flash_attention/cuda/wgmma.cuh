@@ -1,5 +1,5 @@
 // wgmma (sm_90a warpgroup MMA) wrappers: shared-memory matrix descriptors, the fence /
-// commit / wait protocol, and the three instruction shapes the forward kernel issues. The
+// commit / wait protocol, and the instruction shapes the forward and backward kernels issue. The
 // instruction wrappers spell out every accumulator register (as CUTLASS's do).
 #pragma once
 
@@ -76,6 +76,24 @@ template <bool kBf16>
 __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   if constexpr (kBf16) JSK_WGMMA_M64N128K16_SS("bf16");
   else JSK_WGMMA_M64N128K16_SS("f16");
+}
+
+// The backward's 64 x 64 products, both operands in shared memory: S^T = K Q^T and dP^T = V dO^T
+// (both K-major: kTrans = 0), and dQ = dS K (dS^T and K stored key-major, i.e. both MN-major:
+// kTrans = 1).
+#define JSK_WGMMA_M64N64K16_SS(TYPE, TRANS)                                             \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                            \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "         \
+               "{" JSK_ACC32_REGS "}, %32, %33, p, 1, 1, " TRANS ", " TRANS ";\n}\n" \
+               : JSK_ACC32_OPERANDS(d)                                                  \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+template <bool kBf16, bool kTrans>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  if constexpr (kBf16 && kTrans) JSK_WGMMA_M64N64K16_SS("bf16", "1");
+  else if constexpr (kBf16) JSK_WGMMA_M64N64K16_SS("bf16", "0");
+  else if constexpr (kTrans) JSK_WGMMA_M64N64K16_SS("f16", "1");
+  else JSK_WGMMA_M64N64K16_SS("f16", "0");
 }
 
 // O += P V: A (P) from registers, B (V) MN-major in shared memory (transposed).
