@@ -39,7 +39,7 @@ struct BwdArgs {
   bool bf16;
   float scale;
   // dq bitwise reproducible: the key tiles' dq shares are added one key tile after the other in
-  // a fixed order (bwd_mma.cu); not with the accumulation mode below.
+  // a fixed order (DqTurns in bwd_common.cuh); not with the accumulation mode below.
   bool deterministic = false;
   const void *q, *k, *v, *o, *do_;
   const float* lse;

@@ -7,10 +7,11 @@ them), so it needs no Python wrapper. Run on an H100 from the repository root af
     PYTHONPATH=. python3 cpp/flash_attention/cuda/check_and_time.py all
 
 `all` runs each stage in a subprocess with a time limit (a hung kernel costs its stage, not
-the run): `check [STAGE,...]` (fresh random inputs, float32 reference, outputs poisoned beforehand, every
-forward and backward kernel variant), `sanitize` (compute-sanitizer memcheck + racecheck
-on small shapes), `time` (median times next to jax.nn.dot_product_attention's cuDNN kernel;
-the table comes last).
+the run): `check [STAGE,...]` (fresh random inputs, float32 reference, outputs poisoned
+beforehand, every forward and backward kernel variant; the deterministic backward also run
+twice for the same bits), `sanitize` (compute-sanitizer memcheck + racecheck on small
+shapes), `time` (median times next to jax.nn.dot_product_attention's cuDNN kernel; the table
+comes last).
 """
 
 from __future__ import annotations
@@ -228,7 +229,14 @@ def check_backward(kernel, dtype, D, ci, seed, deterministic=False):
     dq, dk, dv = jax.block_until_ready(fn(q, k, v, o_in, jnp.asarray(lse_ref.astype(np.float32)), do))
     errs = [rel_err(np.asarray(x.astype(jnp.float32)), r) for x, r in zip((dq, dk, dv), c["grads"])]
     bound = 2 * BOUND[dtype]
-    return all(e < bound for e in errs), "dq {:.2e} dk {:.2e} dv {:.2e}".format(*errs)
+    ok, note = all(e < bound for e in errs), "dq {:.2e} dk {:.2e} dv {:.2e}".format(*errs)
+    if deterministic:  # a second run, on poisoned memory again, gives the same bits
+        poison((q.shape, jnp.float32))
+        dq_again = jax.block_until_ready(
+            fn(q, k, v, o_in, jnp.asarray(lse_ref.astype(np.float32)), do))[0]
+        same = np.array_equal(np.asarray(dq).view(np.uint16), np.asarray(dq_again).view(np.uint16))
+        ok, note = ok and same, note + (" bitwise-repeat ok" if same else " bitwise-repeat DIFFERS")
+    return ok, note
 
 
 def stage_check(only=None):

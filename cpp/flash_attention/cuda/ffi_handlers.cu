@@ -5,7 +5,7 @@
 //   jax_sparsek_flash_bwd(q, k, v, o, lse, do) -> (dq, dk, dv, dq_accum)
 //   jax_sparsek_block_sparse_fwd(q, k, v, block_mask) -> (o, lse)   attrs scale, causal, block_q, block_k
 //   jax_sparsek_block_sparse_bwd(q, k, v, block_mask, o, lse, do) -> (dq, dk, dv, dq_accum)
-// The backward targets take the forward's attributes and `deterministic` (bwd_mma.cu).
+// The backward targets take the forward's attributes and `deterministic` (bwd.cu).
 // dq_accum is an fp32 [B, T, N, D] workspace (allocated by XLA, so the handlers stay CUDA-graph
 // compatible); the kernels zero it themselves.
 #include <cstdlib>

@@ -4,7 +4,7 @@
 // dm_ij = exp(s_ij - lse_i)(do_i . v_j - delta_i) from every soft key (0 < u_j - tau_i < 1),
 // and through tau_i, -G_i / |M_i| on every key of the support M_i (G_i: the sum of query i's dm
 // over the heads of its kv group). Launches, all on one stream, sums in the fp32 / fp64 workspace:
-//   1. window keys: the flash backward (bwd_mma.cu) in its accumulation mode, which writes every
+//   1. window keys: the flash backward (bwd.cu) in its accumulation mode, which writes every
 //      row of dq_accum (unscaled), dk_accum and dv_accum (memset instead when window = 0);
 //   2. gather_bwd_kernel: one CTA per (64 queries, query head, batch), 4 warps of 16 query rows
 //      (mma.sync m16n8k16). Q and dO of the tile sit in shared memory; the key list of the
