@@ -217,4 +217,16 @@ __device__ __forceinline__ void add_dq(const BwdKernelParams& p, const float (&d
   }
 }
 
+// Launches one of a kernel file's instantiations (the deterministic one when l asks for it)
+// with the operands every backward kernel takes.
+template <typename Kernel>
+cudaError_t LaunchBwdKernel(Kernel kernel, Kernel deterministic_kernel, int threads, int smem,
+                            const BwdLaunch& l, cudaStream_t stream) {
+  if (l.deterministic) kernel = deterministic_kernel;
+  const cudaError_t err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<l.grid, threads, smem, stream>>>(l.tm_q, l.tm_k, l.tm_v, l.tm_do, l.params);
+  return cudaGetLastError();
+}
+
 }  // namespace jax_sparsek::cuda

@@ -206,12 +206,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <bool kBf16, int D>
 cudaError_t Launch(const BwdLaunch& l, cudaStream_t stream) {
-  auto kernel = l.deterministic ? bwd_kernel<kBf16, D, true> : bwd_kernel<kBf16, D, false>;
-  constexpr int smem = Smem<D>::kBytes;
-  const cudaError_t err = EnsureSmem(reinterpret_cast<const void*>(kernel), smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<l.grid, kThreads, smem, stream>>>(l.tm_q, l.tm_k, l.tm_v, l.tm_do, l.params);
-  return cudaGetLastError();
+  return LaunchBwdKernel(bwd_kernel<kBf16, D, false>, bwd_kernel<kBf16, D, true>, kThreads,
+                         Smem<D>::kBytes, l, stream);
 }
 
 }  // namespace
