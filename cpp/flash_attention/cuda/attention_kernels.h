@@ -39,14 +39,14 @@ struct BwdArgs {
   bool bf16;
   float scale;
   // dq bitwise reproducible: the key tiles' dq shares are added one key tile after the other in
-  // a fixed order (DqTurns in bwd_common.cuh); not with the accumulation mode below.
+  // a fixed order (DqTurns in bwd_common.cuh); the accumulation mode below rejects it.
   bool deterministic = false;
   const void *q, *k, *v, *o, *do_;
   const float* lse;
   void *dq, *dk, *dv;
   float* dq_accum;  // [B,T,N,D] fp32 workspace
   // Accumulation mode (SparseK's window part, which more kernels add to afterwards): when
-  // non-null, fp32 [B,S,K,D] buffers that receive dk (scaled) and dv, every key row written,
+  // both non-null, fp32 [B,S,K,D] buffers that receive dk (scaled) and dv, every key row written,
   // instead of the 16-bit dk / dv; dq_accum then keeps the unscaled dq sum and dq is not
   // converted (it holds delta on return).
   float* dk_accum = nullptr;

@@ -77,7 +77,7 @@ cudaError_t Launch(const BwdArgs& a, cudaStream_t stream, std::string* error) {
   // row) until the dq conversion overwrites it.
   float* delta = static_cast<float*>(a.dq);
   int* dq_turns = nullptr;
-  if (a.deterministic && !a.dk_accum) {
+  if (a.deterministic) {
     dq_turns = reinterpret_cast<int*>(delta + rows);
     const int64_t counters = int64_t(d.B) * d.N * ((d.T + kBM - 1) / kBM);
     if ((err = cudaMemsetAsync(dq_turns, 0, counters * sizeof(int), stream)) != cudaSuccess) return err;
@@ -115,6 +115,10 @@ cudaError_t LaunchScaleTo16Bit(const float* src, void* dst, int64_t elements, fl
 }
 
 cudaError_t LaunchFlashBackward(const BwdArgs& a, cudaStream_t stream, std::string* error) {
+  if (!a.dk_accum != !a.dv_accum || (a.dk_accum && a.deterministic)) {
+    *error = "flash backward: accumulation mode takes both dk_accum and dv_accum, and no deterministic dq";
+    return cudaErrorInvalidValue;
+  }
   const AttentionDims& d = a.dims;
   const int64_t q_bytes = int64_t(d.B) * d.T * d.N * d.D * 2, kv_bytes = int64_t(d.B) * d.S * d.K * d.D * 2;
   if (q_bytes == 0 || kv_bytes == 0) {  // no queries or no keys: every gradient is zero
