@@ -168,6 +168,32 @@ __device__ __forceinline__ void dscores(const float (&pt)[NB][4], float (&dpt)[N
   }
 }
 
+// P^T and dS^T as 16-bit A fragments (16 keys x 16 queries per k-step), and dS^T into the
+// shared tile ds_tile (kBwdKeys rows of kBwdQueries queries) for the dQ product: fragment
+// register 2 * half + ri holds the tile's key row key_row + 8 ri, query columns
+// (2 kk + half) * 8 + 2 t4 + {0, 1}.
+template <bool kBf16>
+__device__ __forceinline__ void pack_p_ds(const float (&pt)[kBwdQueries / 8][4],
+                                          const float (&dst)[kBwdQueries / 8][4],
+                                          uint32_t (&pa)[kBwdQueries / 16][4],
+                                          uint32_t (&da)[kBwdQueries / 16][4], uint32_t ds_tile,
+                                          int key_row, int t4) {
+#pragma unroll
+  for (int kk = 0; kk < kBwdQueries / 16; ++kk) {
+    pack_a<kBf16>(pa[kk], pt, kk);
+    pack_a<kBf16>(da[kk], dst, kk);
+  }
+#pragma unroll
+  for (int kk = 0; kk < kBwdQueries / 16; ++kk) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const int r = key_row + 8 * (reg & 1), col = (2 * kk + (reg >> 1)) * 8;
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(tile_addr(ds_tile, kBwdKeys, r, col) + 4 * t4),
+                   "r"(da[kk][reg]) : "memory");
+    }
+  }
+}
+
 // Epilogue: dK = scale * sum dS^T Q, dV = sum P^T dO for this thread's keys key_a, key_a + 8
 // (< S; every key row is written, also in key tiles that no query sees), columns 8 nb + 2 t4 +
 // {0, 1}: 16-bit, or fp32 into dk_accum / dv_accum in accumulation mode.

@@ -124,24 +124,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     probabilities(st, p, lse_s + stage * kBM, partial, mask, q0, key_a, t4, key_queries);
     dscores(st, dpt, delta_s + stage * kBM, t4);
 
-    // 16-bit A fragments of P^T and dS^T (16 keys x 16 queries per k-step); the fp32 scores die.
+    // 16-bit A fragments (the fp32 scores die); dS^T to shared memory for the dQ product.
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      pack_a<kBf16>(pa[kk], st, kk);
-      pack_a<kBf16>(da[kk], dpt, kk);
-    }
-    // dS^T (16-bit) to shared memory for the dQ product: fragment register 2 * half + ri holds
-    // key row g + 8 ri, query columns (2 kk + half) * 8 + 2 t4 + {0, 1}.
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const int r = warp * 16 + g + 8 * (reg & 1), col = (2 * kk + (reg >> 1)) * 8;
-        asm volatile("st.shared.b32 [%0], %1;" ::"r"(tile_addr(sDS, kBN, r, col) + 4 * t4),
-                     "r"(da[kk][reg]) : "memory");
-      }
-    }
+    pack_p_ds<kBf16>(st, dpt, pa, da, sDS, warp * 16 + g, t4);
     // dV += P^T dO and dK += dS^T Q (contraction over the 64 queries).
 #pragma unroll
     for (int kk = 0; kk < kBM / 16; ++kk) {

@@ -203,22 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     dscores(st, dpt, delta_s + stage * kBM, t4);
 
     uint32_t pa[kBM / 16][4], da[kBM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-      pack_a<kBf16>(pa[kk], st, kk);
-      pack_a<kBf16>(da[kk], dpt, kk);
-    }
-    // dS^T to shared memory: fragment register 2 * half + ri holds key row row_a + 8 ri, query
-    // columns (2 kk + half) * 8 + 2 t4 + {0, 1}.
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) {
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const int r = 64 * c + row_a + 8 * (reg & 1), col = (2 * kk + (reg >> 1)) * 8;
-        asm volatile("st.shared.b32 [%0], %1;" ::"r"(tile_addr(ds_s, kBN, r, col) + 4 * t4),
-                     "r"(da[kk][reg]) : "memory");
-      }
-    }
+    pack_p_ds<kBf16>(st, dpt, pa, da, ds_s, 64 * c + row_a, t4);
     fence_proxy_async();  // the dQ wgmmas read these rows
 
     wgmma_fence();
