@@ -25,7 +25,7 @@ stage() {  # stage NAME SECONDS CMD...: runs CMD under a time limit, logs it, sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 stage build 300 tools/dev_build.sh -DJAX_SPARSEK_CUDA=ON -DPython_EXECUTABLE="$(command -v python3)" \
   || exit 1
-# Each check stage runs in a subprocess with its own limit: a kernel that hangs costs its stage.
+# The checks share one limit: a kernel that hangs costs this stage, not the call.
 stage kernels 200 python3 cpp/flash_attention/cuda/check_and_time.py check ${1:-}
 stage sanitize 150 python3 cpp/flash_attention/cuda/check_and_time.py sanitize
 # ~50 tests, each compiling its own jitted value-and-gradient pair: a few seconds apiece.

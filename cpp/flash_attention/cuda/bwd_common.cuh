@@ -173,15 +173,15 @@ __device__ __forceinline__ void dscores(const float (&pt)[NB][4], float (&dpt)[N
 // register 2 * half + ri holds the tile's key row key_row + 8 ri, query columns
 // (2 kk + half) * 8 + 2 t4 + {0, 1}.
 template <bool kBf16>
-__device__ __forceinline__ void pack_p_ds(const float (&pt)[kBwdQueries / 8][4],
-                                          const float (&dst)[kBwdQueries / 8][4],
+__device__ __forceinline__ void pack_p_ds(const float (&p_t)[kBwdQueries / 8][4],
+                                          const float (&ds_t)[kBwdQueries / 8][4],
                                           uint32_t (&pa)[kBwdQueries / 16][4],
                                           uint32_t (&da)[kBwdQueries / 16][4], uint32_t ds_tile,
                                           int key_row, int t4) {
 #pragma unroll
   for (int kk = 0; kk < kBwdQueries / 16; ++kk) {
-    pack_a<kBf16>(pa[kk], pt, kk);
-    pack_a<kBf16>(da[kk], dst, kk);
+    pack_a<kBf16>(pa[kk], p_t, kk);
+    pack_a<kBf16>(da[kk], ds_t, kk);
   }
 #pragma unroll
   for (int kk = 0; kk < kBwdQueries / 16; ++kk) {

@@ -7,7 +7,7 @@ them), so it needs no Python wrapper. Run on an H100 from the repository root af
     PYTHONPATH=. python3 cpp/flash_attention/cuda/check_and_time.py all
 
 `all` runs each stage in a subprocess with a time limit (a hung kernel costs its stage, not
-the run): `check [STAGE,...]` (fresh random inputs, float32 reference, outputs poisoned
+the run): `check [STAGE,...]` (fresh random inputs, float64 reference, outputs poisoned
 beforehand, every forward and backward kernel variant; the deterministic backward also run
 twice for the same bits), `sanitize` (compute-sanitizer memcheck + racecheck on small
 shapes), `time` (median times next to jax.nn.dot_product_attention's cuDNN kernel; the table
@@ -226,14 +226,14 @@ def check_backward(kernel, dtype, D, ci, seed, deterministic=False):
     poison((q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype), (q.shape, jnp.float32))
     fn = jax.jit(lambda q, k, v, o, lse, do: ffi_bwd(q, k, v, o, lse, do, **args))
     o_in = jnp.asarray(o_ref.astype(np.float32)).astype(q.dtype)
-    dq, dk, dv = jax.block_until_ready(fn(q, k, v, o_in, jnp.asarray(lse_ref.astype(np.float32)), do))
+    lse_in = jnp.asarray(lse_ref.astype(np.float32))
+    dq, dk, dv = jax.block_until_ready(fn(q, k, v, o_in, lse_in, do))
     errs = [rel_err(np.asarray(x.astype(jnp.float32)), r) for x, r in zip((dq, dk, dv), c["grads"])]
     bound = 2 * BOUND[dtype]
     ok, note = all(e < bound for e in errs), "dq {:.2e} dk {:.2e} dv {:.2e}".format(*errs)
     if deterministic:  # a second run, on poisoned memory again, gives the same bits
         poison((q.shape, jnp.float32))
-        dq_again = jax.block_until_ready(
-            fn(q, k, v, o_in, jnp.asarray(lse_ref.astype(np.float32)), do))[0]
+        dq_again = jax.block_until_ready(fn(q, k, v, o_in, lse_in, do))[0]
         same = np.array_equal(np.asarray(dq).view(np.uint16), np.asarray(dq_again).view(np.uint16))
         ok, note = ok and same, note + (" bitwise-repeat ok" if same else " bitwise-repeat DIFFERS")
     return ok, note
